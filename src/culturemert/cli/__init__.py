@@ -1,0 +1,84 @@
+"""Command-line entry point: ``culturemert <command> ...``.
+
+Each command lives in its own module ``culturemert.cli.<command>`` exposing ``add_arguments(parser)`` and
+``run(args) -> int``. Modules are imported only when their command runs, so ``culturemert --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# command name -> (module, one-line help). Order is the pipeline order.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("culturemert.cli.convert", "convert an HF / fairseq / culturemert checkpoint to a safetensors export"),
+    "corpus": ("culturemert.cli.corpus", "render the offline multi-cultural corpus from symbolic music"),
+    "prepare": ("culturemert.cli.prepare", "decode audio into 24 kHz shards and compute teacher targets"),
+    "pretrain": ("culturemert.cli.pretrain", "(continual) pre-training from a recipe, resumable, torchrun-ready"),
+    "merge": ("culturemert.cli.merge", "merge models in weight space (task arithmetic, TIES, DARE, linear)"),
+    "embed": ("culturemert.cli.embed", "extract cached per-layer embeddings for a dataset"),
+    "probe": ("culturemert.cli.probe", "MARBLE-protocol probing from a config"),
+    "evaluate": ("culturemert.cli.evaluate", "embed + probe one or more models on datasets, with reports"),
+    "quickstart": ("culturemert.cli.quickstart", "the whole workflow offline on the embedded corpus"),
+}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="culturemert",
+        description="Adapt MERT music foundation models to the world's musical traditions.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = _build_parser()
+    verbose = False
+    while argv and argv[0] in ("-v", "--verbose"):
+        verbose = True
+        argv.pop(0)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        if argv and argv[0] not in ("-h", "--help") and argv[0] not in COMMANDS:
+            top.print_usage(sys.stderr)
+            print(f"culturemert: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+            return 2
+        top.print_help()
+        return 0
+    name, rest = argv[0], argv[1:]
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    module_name, help_text = COMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            print(f"culturemert {name}: not available in this version", file=sys.stderr)
+            return 2
+        raise
+    parser = argparse.ArgumentParser(prog=f"culturemert {name}", description=help_text)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    from culturemert.errors import UserError
+
+    try:
+        return int(module.run(args) or 0)
+    except UserError as exc:
+        print(f"culturemert {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"culturemert {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
