@@ -20,7 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("culturemert.cli.merge", "merge models in weight space (task arithmetic, TIES, DARE, linear)"),
     "embed": ("culturemert.cli.embed", "extract cached per-layer embeddings for a dataset"),
     "probe": ("culturemert.cli.probe", "MARBLE-protocol probing from a config"),
-    "evaluate": ("culturemert.cli.evaluate", "embed + probe one or more models on datasets, with reports"),
+    "evaluate": ("culturemert.cli.evaluate", "embed + probe one or more models on datasets"),
+    "report": ("culturemert.cli.report", "tables and plots (paper layout, layer curves, transfer matrix) from runs"),
     "quickstart": ("culturemert.cli.quickstart", "the whole workflow offline on the embedded corpus"),
 }
 

@@ -1,0 +1,119 @@
+"""``culturemert merge --base B --models M1 M2 ... --out DIR``: weight-space merging, optionally with a λ sweep.
+
+See docs/merging.md for the formulas and where λ enters each method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from culturemert.config import parse_config
+from culturemert.errors import ConfigError
+from culturemert.merge import (
+    DEFAULT_DENSITY,
+    DEFAULT_DROP_RATE,
+    DEFAULT_LAMBDA,
+    DEFAULT_MAX_TASK_VECTOR_RATIO,
+    MERGE_METHODS,
+    MergeOptions,
+    format_lambda,
+    merge_models,
+    parse_lambda_range,
+    sweep_merge,
+)
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", help="the model every input was trained from (any format load_model reads)")
+    parser.add_argument("--models", nargs="+", required=True, metavar="MODEL", help="models to merge")
+    parser.add_argument("--method", choices=MERGE_METHODS, default="task_arithmetic")
+    lam = parser.add_mutually_exclusive_group()
+    lam.add_argument(
+        "--lambda",
+        dest="lambda_",
+        type=float,
+        help="λ for every model (default: "
+        + ", ".join(f"{m} {v:g}" for m, v in DEFAULT_LAMBDA.items())
+        + ")",
+    )
+    lam.add_argument("--lambdas", nargs="+", type=float, metavar="L", help="one λ per model, in --models order")
+    lam.add_argument("--sweep", metavar="START:STOP:STEP", help="merge at every λ (stop inclusive) and select one")
+    parser.add_argument("--mean", action="store_true", help="divide λ by the number of models (task_arithmetic, dare)")
+    parser.add_argument("--density", type=float, default=DEFAULT_DENSITY, help="ties: fraction of each task vector kept")
+    parser.add_argument("--drop-rate", type=float, default=DEFAULT_DROP_RATE, help="dare, dare_ties: drop probability")
+    parser.add_argument("--seed", type=int, default=0, help="dare, dare_ties: seed of the drop masks")
+    parser.add_argument("--weights", nargs="+", type=float, metavar="W", help="linear: one weight per model")
+    parser.add_argument(
+        "--include", nargs="+", default=[], metavar="GLOB", help="merge only parameters matching one of these globs"
+    )
+    parser.add_argument(
+        "--exclude",
+        nargs="+",
+        default=[],
+        metavar="GLOB",
+        help="keep the base's values for these parameters, e.g. 'backbone.feature_extractor.*' 'heads.*'",
+    )
+    parser.add_argument(
+        "--max-task-vector-ratio",
+        type=float,
+        default=DEFAULT_MAX_TASK_VECTOR_RATIO,
+        help="reject inputs with ||θ_i − θ_base|| / ||θ_base|| above this (not derived from the base)",
+    )
+    parser.add_argument("--allow-unrelated", action="store_true", help="merge inputs that do not look derived from --base")
+    parser.add_argument("--select-on", metavar="EVAL_CONFIG", help="with --sweep: evaluation config (validation splits)")
+    parser.add_argument("--metric", default="roc_auc", help="with --sweep: metric to maximise (mean over datasets)")
+    parser.add_argument("--out", required=True, help="output export directory (with --sweep: the sweep directory)")
+
+
+def _options(args: argparse.Namespace) -> MergeOptions:
+    lambdas = args.lambdas if args.lambdas is not None else args.lambda_
+    data = {
+        "method": args.method,
+        "lambdas": lambdas,
+        "mean": args.mean,
+        "density": args.density,
+        "drop_rate": args.drop_rate,
+        "seed": args.seed,
+        "include": args.include,
+        "exclude": args.exclude,
+        "weights": args.weights,
+        "max_task_vector_ratio": args.max_task_vector_ratio,
+        "allow_unrelated": args.allow_unrelated,
+    }
+    return parse_config(data, MergeOptions, source="culturemert merge arguments")
+
+
+def run(args: argparse.Namespace) -> int:
+    options = _options(args)
+    if args.base is None and args.method != "linear":
+        raise ConfigError(f"--base is required for method {args.method!r} (task vectors are θ_i − θ_base)")
+    if args.sweep is None:
+        if args.select_on is not None:
+            raise ConfigError("--select-on only applies with --sweep")
+        if args.base is None:
+            # linear without a base: the first model provides config and non-float buffers.
+            base, models = args.models[0], args.models
+        else:
+            base, models = args.base, args.models
+        record = merge_models(base, models, args.out, options)
+        lambdas = record["lambdas"] if record["lambdas"] is not None else record["weights"]
+        print(
+            f"wrote {args.out}: {record['method']} of {len(models)} models "
+            f"({'λ' if record['lambdas'] is not None else 'weights'} = {', '.join(format_lambda(v) for v in lambdas)}; "
+            f"{record['scope']['num_merged_tensors']} tensors merged, {record['scope']['num_kept_from_base']} kept from base)"
+        )
+        return 0
+
+    if args.select_on is None:
+        raise ConfigError("--sweep needs --select-on EVAL_CONFIG (an evaluation config using validation splits)")
+    result = sweep_merge(
+        args.base, args.models, parse_lambda_range(args.sweep), args.out, args.select_on, options, metric=args.metric
+    )
+    for lam in sorted(result.mean_metric):
+        marker = "  <- selected" if lam == result.selected_lambda else ""
+        print(f"λ={format_lambda(lam):>6}  mean {args.metric} = {result.mean_metric[lam]:.4f}{marker}")
+    print(f"selected λ={format_lambda(result.selected_lambda)} (validation); export copied to {args.out}/selected")
+    return 0

@@ -1,0 +1,1104 @@
+"""Training data: manifests, ``prepare`` (24 kHz int16 shards + aligned teacher codes), and the crop loader.
+
+On-disk layout of a prepared directory (see docs/data.md)::
+
+    plan.json                 manifest rows, settings fingerprint, shard assignment (written first)
+    shards/audio-00000.npy    int16 [n_samples]: the shard's items' 24 kHz mono audio, concatenated
+    shards/items-00000.json   per-item offsets/lengths + per-file skips and warnings (commit marker of the audio)
+    shards/codes-00000.npy    int16 [n_codebooks, n_frames]: teacher codes, items concatenated in the same order
+    teacher/                  the fitted k-means teacher (kmeans only)
+    index.json, index.csv     the item table the loader reads (written last, only after the checks pass)
+    prepare.json              settings, teacher state, hours per culture, skipped files with reasons
+
+Alignment convention: item i owns ``n_frames = ceil(length / 320)`` code frames, frame k <-> samples
+[320k, 320k + 320) of the item. Crops start on the 320-sample grid, so a crop starting at sample 320j takes
+frames j .. j + L/320 - 1.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import field_validator, model_validator
+from tqdm.auto import tqdm
+
+from culturemert.audio import (
+    INT16_SCALE,
+    TARGET_SAMPLE_RATE,
+    DecodeReport,
+    decode_to_int16,
+    int16_to_float,
+    probe_audio,
+)
+from culturemert.config import StrictModel
+from culturemert.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+#: Samples per teacher label frame at 24 kHz (75 Hz), MERT's conv-stack stride.
+HOP_SAMPLES = 320
+#: Default crop: 5 s at 24 kHz = 375 label frames.
+DEFAULT_CROP_SAMPLES = 120_000
+#: Label value for padded frames when ``short_items="pad"``; the objective must ignore it.
+PAD_CODE = -1
+INDEX_VERSION = 1
+
+# ----------------------------------------------------------------------------------------------------------------
+# manifests
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One manifest entry. ``path`` is absolute (relative entries resolve against the manifest's directory)."""
+
+    line: int
+    path: str
+    raw_path: str
+    culture: str
+    split: str = "train"
+    weight: float = 1.0
+
+
+def _manifest_kind(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson", ".json"):
+        return "jsonl"
+    if suffix in (".tsv", ".tab"):
+        return "tsv"
+    if suffix == ".csv":
+        return "csv"
+    raise DataError(f"{path}: unknown manifest type {suffix!r}; use .csv, .tsv or .jsonl")
+
+
+def _parse_row(manifest: Path, line: int, record: dict[str, Any], base: Path) -> ManifestRow:
+    def text(column: str, required: bool) -> str | None:
+        value = record.get(column)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            if required:
+                raise DataError(f"{manifest}: line {line}: empty value in column {column!r}")
+            return None
+        if not isinstance(value, str):
+            if column == "path" or isinstance(value, (dict, list)):
+                raise DataError(f"{manifest}: line {line}: column {column!r} must be a string, got {value!r}")
+            value = str(value)
+        return value.strip() if column != "path" else value
+
+    raw_path = text("path", True)
+    culture = text("culture", True)
+    split = text("split", False) or "train"
+    weight_text = record.get("weight")
+    weight = 1.0
+    if weight_text is not None and not (isinstance(weight_text, str) and not weight_text.strip()):
+        try:
+            weight = float(weight_text)
+        except (TypeError, ValueError):
+            raise DataError(f"{manifest}: line {line}: column 'weight' is not a number: {weight_text!r}") from None
+        if not math.isfinite(weight) or weight < 0:
+            raise DataError(f"{manifest}: line {line}: column 'weight' must be finite and >= 0, got {weight_text!r}")
+    expanded = os.path.expanduser(raw_path)
+    absolute = os.path.abspath(os.path.join(base, expanded))  # no symlink resolution: loops must stay reportable
+    return ManifestRow(line, absolute, raw_path, culture, split, weight)
+
+
+def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
+    """Read a CSV/TSV (by extension, header row required) or JSONL manifest.
+
+    Required columns: ``path``, ``culture``; optional ``split`` (default ``train``) and ``weight`` (default 1).
+    Errors name the manifest, the line and the column.
+    """
+    manifest = Path(path)
+    if not manifest.is_file():
+        raise DataError(f"manifest not found: {manifest}")
+    kind = _manifest_kind(manifest)
+    base = manifest.resolve().parent
+    rows: list[ManifestRow] = []
+    try:
+        with open(manifest, encoding="utf-8-sig", newline="") as f:
+            if kind == "jsonl":
+                for line_no, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise DataError(f"{manifest}: line {line_no}: invalid JSON ({exc.msg})") from None
+                    if not isinstance(record, dict):
+                        raise DataError(f"{manifest}: line {line_no}: expected a JSON object")
+                    for column in ("path", "culture"):
+                        if column not in record:
+                            raise DataError(f"{manifest}: line {line_no}: missing key {column!r}")
+                    rows.append(_parse_row(manifest, line_no, record, base))
+            else:
+                reader = csv.reader(f, delimiter="\t" if kind == "tsv" else ",")
+                header: list[str] | None = None
+                for fields in reader:
+                    line_no = reader.line_num
+                    if not fields or all(not x.strip() for x in fields):
+                        continue
+                    if header is None:
+                        header = [h.strip().lower() for h in fields]
+                        missing = [c for c in ("path", "culture") if c not in header]
+                        if missing:
+                            raise DataError(
+                                f"{manifest}: line {line_no}: header lacks required column(s) "
+                                f"{', '.join(map(repr, missing))} (found {', '.join(map(repr, header))})"
+                            )
+                        continue
+                    if len(fields) != len(header):
+                        raise DataError(
+                            f"{manifest}: line {line_no}: {len(fields)} fields but the header has {len(header)}"
+                        )
+                    rows.append(_parse_row(manifest, line_no, dict(zip(header, fields)), base))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{manifest}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if not rows:
+        raise DataError(f"{manifest}: no entries")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# atomic files
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write ``path`` through a temp file in the same directory + fsync + os.replace (never a partial file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({"encoding": "utf-8", "newline": ""} if "b" not in mode else {})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    return str(obj)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=1, ensure_ascii=False, default=_json_default) + "\n"
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write(path, lambda f: f.write(_dumps(obj)), mode="w")
+
+
+def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
+    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
+def _remove_stale_tmp(directory: Path) -> None:
+    if directory.is_dir():
+        for tmp in directory.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# prepare
+
+
+def label_frames(num_samples: int, hop: int = HOP_SAMPLES) -> int:
+    """Label frames owned by ``num_samples`` of audio: ceil(num_samples / hop) (EnCodec pads the last frame)."""
+    return -(-int(num_samples) // hop)
+
+
+@dataclass
+class PrepareSummary:
+    """What ``prepare`` produced; printed by the CLI."""
+
+    out_dir: Path
+    n_items: int
+    hours_per_culture: dict[str, float]
+    files_per_culture: dict[str, int]
+    skipped: list[dict[str, Any]]
+    warnings: list[dict[str, Any]]
+    shards_total: int
+    shards_reused: int
+
+    def format_table(self) -> str:
+        lines = [f"{'culture':<20} {'files':>7} {'hours':>9}"]
+        for culture in sorted(self.hours_per_culture):
+            lines.append(f"{culture:<20} {self.files_per_culture[culture]:>7} {self.hours_per_culture[culture]:>9.3f}")
+        lines.append(f"{'total':<20} {sum(self.files_per_culture.values()):>7} {sum(self.hours_per_culture.values()):>9.3f}")
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} file(s):")
+            lines += [f"  {s['path']}: {s['reason']}" for s in self.skipped]
+        if self.warnings:
+            lines.append(f"{len(self.warnings)} warning(s):")
+            lines += [f"  {w['path']}: {w['warning']}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _reason(exc: Exception, path: str) -> str:
+    message = str(exc)
+    prefix = f"{path}: "
+    return message[len(prefix):] if message.startswith(prefix) else message
+
+
+def _probe_row(task: tuple[int, str, float]) -> dict[str, Any]:
+    row_id, path, min_seconds = task
+    try:
+        info = probe_audio(path)
+    except DataError as exc:
+        return {"id": row_id, "reason": _reason(exc, path)}
+    except Exception as exc:  # one odd file must never stop a corpus-sized run
+        return {"id": row_id, "reason": f"unexpected error while probing: {type(exc).__name__}: {exc}"}
+    if 0 < info.duration < min_seconds:
+        return {"id": row_id, "reason": f"too short ({info.duration:.2f} s < {min_seconds:g} s)"}
+    return {"id": row_id, "seconds": info.duration, "sample_rate": info.sample_rate, "channels": info.channels}
+
+
+def _decode_row(task: tuple[int, str, int, str]) -> dict[str, Any]:
+    row_id, path, min_samples, nonfinite = task
+    report = DecodeReport()
+    try:
+        samples = decode_to_int16(path, TARGET_SAMPLE_RATE, nonfinite=nonfinite, report=report)  # type: ignore[arg-type]
+    except DataError as exc:
+        return {"id": row_id, "reason": _reason(exc, path)}
+    except MemoryError:
+        return {"id": row_id, "reason": "out of memory while decoding"}
+    except Exception as exc:
+        return {"id": row_id, "reason": f"unexpected decode error: {type(exc).__name__}: {exc}"}
+    seconds = samples.size / TARGET_SAMPLE_RATE
+    if samples.size < min_samples:
+        return {"id": row_id, "reason": f"too short ({seconds:.2f} s < {min_samples / TARGET_SAMPLE_RATE:g} s)"}
+    if not samples.any():
+        return {"id": row_id, "reason": "silent (every sample is zero after decoding)"}
+    warnings = list(report.warnings)
+    at_full_scale = int(np.count_nonzero((samples == 32767) | (samples == -32768)))
+    if at_full_scale > 0.001 * samples.size:
+        warnings.append(f"clipping: {100 * at_full_scale / samples.size:.2f}% of samples at full scale")
+    assert report.info is not None
+    return {
+        "id": row_id,
+        "samples": samples,
+        "warnings": warnings,
+        "source_sample_rate": report.info.sample_rate,
+        "source_channels": report.info.channels,
+    }
+
+
+def _map(fn: Callable, tasks: list, workers: int, desc: str, progress: bool) -> Iterator:
+    """Ordered map, in-process for workers <= 1, else a spawn pool (safe alongside torch threads)."""
+    bar = tqdm(total=len(tasks), desc=desc, unit="file", disable=not progress, leave=False)
+    try:
+        if workers <= 1 or len(tasks) <= 1:
+            for task in tasks:
+                yield fn(task)
+                bar.update()
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            with ctx.Pool(min(workers, len(tasks))) as pool:
+                for result in pool.imap(fn, tasks, chunksize=1):
+                    yield result
+                    bar.update()
+    finally:
+        bar.close()
+
+
+def _teacher_spec(teacher: Any) -> dict[str, Any]:
+    return {
+        "name": str(teacher.name),
+        "n_codebooks": int(teacher.n_codebooks),
+        "codebook_size": int(teacher.codebook_size),
+        "frame_rate": float(teacher.frame_rate),
+        "sample_rate": int(teacher.sample_rate),
+    }
+
+
+def _teacher_state(teacher: Any) -> dict[str, Any] | None:
+    try:
+        return teacher.state()
+    except Exception:  # an unfitted k-means teacher has no state yet
+        return None
+
+
+def _needs_fit(teacher: Any) -> bool:
+    if not hasattr(teacher, "fit"):
+        return False
+    fitted = getattr(teacher, "is_fitted", None)
+    if fitted is None:
+        fitted = getattr(teacher, "fitted", None)
+    return not bool(fitted() if callable(fitted) else fitted)
+
+
+def _shard_name(kind: str, k: int, ext: str) -> str:
+    return f"shards/{kind}-{k:05d}.{ext}"
+
+
+def _plan_shards(estimates: list[tuple[int, float]], shard_seconds: float) -> list[list[int]]:
+    shards: list[list[int]] = []
+    current: list[int] = []
+    seconds = 0.0
+    for row_id, est in estimates:
+        current.append(row_id)
+        seconds += est
+        if seconds >= shard_seconds:
+            shards.append(current)
+            current, seconds = [], 0.0
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _iter_fit_waveforms(
+    out_dir: Path, shard_items: list[dict], rows: list[ManifestRow], fit_seconds: float, seed: int
+) -> Iterator[np.ndarray]:
+    """A seeded sample of the prepared training audio: random 30-s windows until ``fit_seconds`` are drawn."""
+    window = 30 * TARGET_SAMPLE_RATE
+    pool = [(k, it) for k, items in enumerate(shard_items) for it in items if rows[it["id"]].split == "train"]
+    if not pool:
+        pool = [(k, it) for k, items in enumerate(shard_items) for it in items]
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x6B6D]))
+    order = rng.permutation(len(pool))
+    budget = int(fit_seconds * TARGET_SAMPLE_RATE)
+    audio_cache: dict[int, np.ndarray] = {}
+    for i in order:
+        if budget <= 0:
+            break
+        k, it = pool[i]
+        if k not in audio_cache:
+            audio_cache.clear()
+            audio_cache[k] = np.load(out_dir / _shard_name("audio", k, "npy"), mmap_mode="r")
+        n = min(it["length"], window, budget)
+        n -= n % HOP_SAMPLES
+        if n <= 0:
+            continue
+        start = int(rng.integers(0, (it["length"] - n) // HOP_SAMPLES + 1)) * HOP_SAMPLES
+        budget -= n
+        yield int16_to_float(np.asarray(audio_cache[k][it["offset"] + start : it["offset"] + start + n]))
+
+
+def _encode_shard(
+    teacher: Any, audio: np.ndarray, items: list[dict], chunk_samples: int, batch_size: int
+) -> np.ndarray:
+    """Codes [n_codebooks, sum of n_frames] for a shard, items in order, long items encoded in chunks."""
+    chunks: list[tuple[int, int]] = []  # (absolute start in shard, length)
+    for it in items:
+        for start in range(0, it["length"], chunk_samples):
+            chunks.append((it["offset"] + start, min(chunk_samples, it["length"] - start)))
+    out: list[np.ndarray] = [np.empty(0)] * len(chunks)
+    order = sorted(range(len(chunks)), key=lambda c: -chunks[c][1])  # similar lengths share a batch
+    for b in range(0, len(order), batch_size):
+        members = order[b : b + batch_size]
+        width = chunks[members[0]][1]
+        batch = np.zeros((len(members), width), dtype=np.float32)
+        for row, c in enumerate(members):
+            start, n = chunks[c]
+            int16_to_float(audio[start : start + n], out=batch[row, :n])
+        codes = np.asarray(teacher.encode(batch))
+        if codes.ndim != 3 or codes.shape[0] != len(members) or codes.shape[1] != teacher.n_codebooks:
+            raise DataError(
+                f"teacher {teacher.name!r} returned codes of shape {codes.shape}, expected "
+                f"[{len(members)}, {teacher.n_codebooks}, T]"
+            )
+        for row, c in enumerate(members):
+            n_frames = label_frames(chunks[c][1])
+            if codes.shape[2] < n_frames:
+                raise DataError(f"teacher {teacher.name!r} returned {codes.shape[2]} frames for {width} samples")
+            out[c] = codes[row, :, :n_frames]
+    if not out:
+        return np.zeros((teacher.n_codebooks, 0), dtype=np.int16)
+    merged = np.concatenate(out, axis=1)
+    if merged.size and (merged.min() < 0 or merged.max() >= min(teacher.codebook_size, 32768)):
+        raise DataError(
+            f"teacher {teacher.name!r} produced codes outside [0, {teacher.codebook_size}): "
+            f"min {merged.min()}, max {merged.max()}"
+        )
+    return merged.astype(np.int16)
+
+
+def _codes_done(path: Path, n_codebooks: int, n_frames: int) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        codes = np.load(path, mmap_mode="r") if n_frames else np.load(path)
+    except (OSError, ValueError):
+        return False
+    return codes.shape == (n_codebooks, n_frames) and codes.dtype == np.int16
+
+
+def _audio_done(out_dir: Path, k: int) -> dict | None:
+    items_path = out_dir / _shard_name("items", k, "json")
+    audio_path = out_dir / _shard_name("audio", k, "npy")
+    if not (items_path.is_file() and audio_path.is_file()):
+        return None
+    try:
+        meta = json.loads(items_path.read_text(encoding="utf-8"))
+        audio = np.load(audio_path, mmap_mode="r") if meta["n_samples"] else np.load(audio_path)
+    except (OSError, ValueError, KeyError):
+        return None
+    if audio.shape != (meta["n_samples"],) or audio.dtype != np.int16:
+        return None
+    return meta
+
+
+def prepare(
+    manifest: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    teacher: Any,
+    *,
+    min_seconds: float = 3.0,
+    shard_seconds: float = 1800.0,
+    workers: int = 0,
+    seed: int = 0,
+    nonfinite: Literal["reject", "zero"] = "reject",
+    kmeans_fit_seconds: float = 3600.0,
+    teacher_chunk_seconds: float = 30.0,
+    teacher_batch_size: int = 8,
+    min_codebook_fraction: float = 0.02,
+    progress: bool = True,
+    _stop_after_shards: int | None = None,
+) -> PrepareSummary:
+    """Decode a manifest into 24 kHz int16 shards with aligned teacher codes in ``out_dir``.
+
+    Bad files are skipped and reported (path + reason), never fatal. Re-running on the same ``out_dir`` with the
+    same manifest and settings resumes: finished shards (audio and codes) are kept, the rest is redone; the
+    final files equal those of an uninterrupted run. A k-means teacher that is not fitted yet is fitted on a
+    seeded sample of the prepared training audio and saved in ``out_dir/teacher/`` before tokenising. After
+    tokenising the collapse guard and the label/audio alignment check run; on failure no index is written.
+    ``_stop_after_shards`` simulates an interruption (tests only).
+    """
+    if min_seconds < 0 or shard_seconds <= 0 or teacher_chunk_seconds <= 0 or teacher_batch_size < 1:
+        raise ConfigError("prepare: min_seconds must be >= 0, shard_seconds/teacher_chunk_seconds > 0, batch >= 1")
+    if nonfinite not in ("reject", "zero"):
+        raise ConfigError(f"prepare: nonfinite must be 'reject' or 'zero', got {nonfinite!r}")
+    if int(teacher.sample_rate) != TARGET_SAMPLE_RATE:
+        raise ConfigError(f"teacher {teacher.name!r} expects {teacher.sample_rate} Hz; prepare writes 24 kHz")
+    manifest = Path(manifest)
+    out = Path(out_dir)
+    rows = read_manifest(manifest)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "shards").mkdir(exist_ok=True)
+    _remove_stale_tmp(out)
+    _remove_stale_tmp(out / "shards")
+
+    chunk_samples = max(HOP_SAMPLES, int(teacher_chunk_seconds * TARGET_SAMPLE_RATE) // HOP_SAMPLES * HOP_SAMPLES)
+    settings = {
+        "sample_rate": TARGET_SAMPLE_RATE,
+        "hop": HOP_SAMPLES,
+        "min_seconds": float(min_seconds),
+        "shard_seconds": float(shard_seconds),
+        "nonfinite": nonfinite,
+        "seed": int(seed),
+        "kmeans_fit_seconds": float(kmeans_fit_seconds),
+        "teacher_chunk_samples": chunk_samples,
+        "teacher": _teacher_spec(teacher),
+        "teacher_state": None if _needs_fit(teacher) else _teacher_state(teacher),
+    }
+    row_dicts = [asdict(r) for r in rows]
+    fingerprint = hashlib.sha256(_dumps({"settings": settings, "rows": row_dicts}).encode()).hexdigest()
+
+    # --- plan: probe headers, assign rows to shards (reused verbatim on resume)
+    plan_path = out / "plan.json"
+    plan: dict[str, Any] | None = None
+    if plan_path.is_file():
+        plan = json.loads(plan_path.read_text(encoding="utf-8"))
+        if plan.get("fingerprint") != fingerprint:
+            raise DataError(
+                f"{out} holds a prepare run with a different manifest or settings "
+                f"(plan.json fingerprint differs); use a new --out directory or delete {out}"
+            )
+        log.info("resuming prepare in %s", out)
+    else:
+        probe_results = list(
+            _map(_probe_row, [(r_id, r.path, min_seconds) for r_id, r in enumerate(rows)], workers, "probe", progress)
+        )
+        plan_skips = [{"id": p["id"], "reason": p["reason"]} for p in probe_results if "reason" in p]
+        estimates = [(p["id"], p["seconds"]) for p in probe_results if "reason" not in p]
+        plan = {
+            "version": INDEX_VERSION,
+            "fingerprint": fingerprint,
+            "settings": settings,
+            "rows": row_dicts,
+            "plan_skipped": plan_skips,
+            "shards": _plan_shards(estimates, shard_seconds),
+        }
+        write_json_atomic(plan_path, plan)
+    shards: list[list[int]] = plan["shards"]
+
+    # --- phase 1: audio shards
+    min_samples = int(round(min_seconds * TARGET_SAMPLE_RATE))
+    shard_meta: list[dict | None] = [_audio_done(out, k) for k in range(len(shards))]
+    reused = sum(m is not None for m in shard_meta)
+    done_now = 0
+    for k, row_ids in enumerate(tqdm(shards, desc="audio shards", unit="shard", disable=not progress)):
+        if shard_meta[k] is not None:
+            continue
+        if _stop_after_shards is not None and done_now >= _stop_after_shards:
+            raise KeyboardInterrupt("simulated interruption")
+        tasks = [(r_id, rows[r_id].path, min_samples, nonfinite) for r_id in row_ids]
+        items, skipped, pieces, offset = [], [], [], 0
+        for res in _map(_decode_row, tasks, workers, f"decode shard {k}", progress):
+            if "reason" in res:
+                skipped.append({"id": res["id"], "reason": res["reason"]})
+                continue
+            samples = res.pop("samples")
+            items.append({**res, "offset": offset, "length": int(samples.size)})
+            pieces.append(samples)
+            offset += samples.size
+        audio = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int16)
+        save_npy_atomic(out / _shard_name("audio", k, "npy"), audio)
+        meta = {"shard": k, "n_samples": int(audio.size), "items": items, "skipped": skipped}
+        write_json_atomic(out / _shard_name("items", k, "json"), meta)  # commit marker: written after the audio
+        shard_meta[k] = meta
+        done_now += 1
+    metas: list[dict] = [m for m in shard_meta if m is not None]
+    shard_items = [m["items"] for m in metas]
+
+    # --- phase 2: fit the k-means teacher (or reload the one a previous run fitted)
+    teacher_dir = out / "teacher"
+    if _needs_fit(teacher):
+        model_path = teacher_dir / "kmeans.safetensors"
+        if model_path.is_file():
+            teacher = type(teacher).load(model_path)
+            log.info("loaded the k-means teacher fitted by a previous run from %s", model_path)
+        else:
+            n_frames_max = int(kmeans_fit_seconds * teacher.frame_rate)
+            log.info("fitting the %s teacher on up to %.0f s of training audio", teacher.name, kmeans_fit_seconds)
+            teacher.fit(_iter_fit_waveforms(out, shard_items, rows, kmeans_fit_seconds, seed), n_frames_max, seed)
+            tmp_dir = Path(tempfile.mkdtemp(prefix=".teacher.", suffix=".tmp", dir=out))
+            teacher.save(tmp_dir / "kmeans.safetensors")
+            for p in tmp_dir.iterdir():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+            if teacher_dir.exists():  # an empty or stale dir from an interrupted run
+                for p in teacher_dir.iterdir():
+                    p.unlink()
+                teacher_dir.rmdir()
+            os.replace(tmp_dir, teacher_dir)
+            _fsync_dir(out)
+
+    # --- phase 3: teacher codes per shard
+    n_cb = int(teacher.n_codebooks)
+    for k, meta in enumerate(tqdm(metas, desc="teacher codes", unit="shard", disable=not progress)):
+        n_frames = sum(label_frames(it["length"]) for it in meta["items"])
+        codes_path = out / _shard_name("codes", k, "npy")
+        if _codes_done(codes_path, n_cb, n_frames):
+            continue
+        audio = np.load(out / _shard_name("audio", k, "npy"), mmap_mode="r") if meta["n_samples"] else np.zeros(0, np.int16)
+        codes = _encode_shard(teacher, audio, meta["items"], chunk_samples, teacher_batch_size)
+        save_npy_atomic(codes_path, codes)
+
+    # --- phase 4: checks, then the index (its presence means "complete and verified")
+    from culturemert import teachers as teachers_mod
+
+    all_codes = []
+    index_items: list[dict[str, Any]] = []
+    for k, meta in enumerate(metas):
+        codes = np.load(out / _shard_name("codes", k, "npy"), mmap_mode="r") if meta["items"] else None
+        frame_offset = 0
+        for it in meta["items"]:
+            n_frames = label_frames(it["length"])
+            assert codes is not None
+            teachers_mod.check_label_alignment(it["length"], codes[:, frame_offset : frame_offset + n_frames].shape[1])
+            row = rows[it["id"]]
+            index_items.append(
+                {
+                    "id": it["id"],
+                    "path": row.raw_path,
+                    "culture": row.culture,
+                    "split": row.split,
+                    "weight": row.weight,
+                    "shard": k,
+                    "offset": it["offset"],
+                    "length": it["length"],
+                    "frame_offset": frame_offset,
+                    "n_frames": n_frames,
+                    "source_sample_rate": it["source_sample_rate"],
+                    "source_channels": it["source_channels"],
+                }
+            )
+            frame_offset += n_frames
+        if codes is not None:
+            if codes.shape[1] != frame_offset:
+                raise DataError(f"{out / _shard_name('codes', k, 'npy')}: {codes.shape[1]} frames, expected {frame_offset}")
+            all_codes.append(np.asarray(codes))
+    if not index_items:
+        raise DataError(f"{manifest}: no usable audio (all {len(rows)} files skipped); see {out / 'plan.json'}")
+    teachers_mod.check_codebook_usage(
+        np.concatenate(all_codes, axis=1), int(teacher.codebook_size), min_fraction=min_codebook_fraction
+    )
+
+    skipped = [
+        {"line": rows[s["id"]].line, "path": rows[s["id"]].raw_path, "reason": s["reason"]}
+        for s in sorted(plan["plan_skipped"] + [s for m in metas for s in m["skipped"]], key=lambda s: s["id"])
+    ]
+    warnings = [
+        {"line": rows[it["id"]].line, "path": rows[it["id"]].raw_path, "warning": w}
+        for m in metas for it in m["items"] for w in it["warnings"]
+    ]
+    hours: dict[str, float] = {}
+    files: dict[str, int] = {}
+    for it in index_items:
+        hours[it["culture"]] = hours.get(it["culture"], 0.0) + it["length"] / TARGET_SAMPLE_RATE / 3600
+        files[it["culture"]] = files.get(it["culture"], 0) + 1
+    shard_table = [
+        {
+            "audio": _shard_name("audio", k, "npy"),
+            "codes": _shard_name("codes", k, "npy"),
+            "n_samples": m["n_samples"],
+            "n_frames": sum(label_frames(it["length"]) for it in m["items"]),
+        }
+        for k, m in enumerate(metas)
+    ]
+    teacher_info = {**_teacher_spec(teacher), "state": _teacher_state(teacher)}
+    write_json_atomic(
+        out / "prepare.json",
+        {
+            "version": INDEX_VERSION,
+            "manifest": str(manifest.resolve()),
+            "settings": settings,
+            "teacher": teacher_info,
+            "hours_per_culture": {c: round(h, 6) for c, h in sorted(hours.items())},
+            "files_per_culture": dict(sorted(files.items())),
+            "n_items": len(index_items),
+            "n_skipped": len(skipped),
+            "skipped": skipped,
+            "warnings": warnings,
+        },
+    )
+    columns = list(index_items[0])
+
+    def write_csv(f: Any) -> None:
+        writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(index_items)
+
+    atomic_write(out / "index.csv", write_csv, mode="w")
+    write_json_atomic(
+        out / "index.json",
+        {
+            "version": INDEX_VERSION,
+            "sample_rate": TARGET_SAMPLE_RATE,
+            "hop": HOP_SAMPLES,
+            "int16_scale": INT16_SCALE,
+            "teacher": _teacher_spec(teacher),
+            "shards": shard_table,
+            "items": index_items,
+        },
+    )
+    summary = PrepareSummary(out, len(index_items), hours, files, skipped, warnings, len(shards), reused)
+    log.info("prepared %d files (%.3f h) into %s; skipped %d", len(index_items), sum(hours.values()), out, len(skipped))
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loader
+
+
+class PreparedDataset:
+    """A prepared directory, memory-mapped: items' audio and codes are views, nothing is decoded.
+
+    Shards are opened lazily (per process), so the object pickles cheaply into DataLoader workers.
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        index_path = self.directory / "index.json"
+        if not index_path.is_file():
+            raise DataError(f"{self.directory}: no index.json (not a prepared directory, or prepare did not finish)")
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        if index.get("version") != INDEX_VERSION or index.get("hop") != HOP_SAMPLES:
+            raise DataError(f"{index_path}: unsupported index version {index.get('version')}")
+        self.sample_rate: int = index["sample_rate"]
+        self.teacher: dict[str, Any] = index["teacher"]
+        self.n_codebooks: int = self.teacher["n_codebooks"]
+        self.codebook_size: int = self.teacher["codebook_size"]
+        self.shards: list[dict[str, Any]] = index["shards"]
+        self.items: list[dict[str, Any]] = index["items"]
+        self.culture = np.array([it["culture"] for it in self.items], dtype=object)
+        self.split = np.array([it["split"] for it in self.items], dtype=object)
+        self.weight = np.array([it["weight"] for it in self.items], dtype=np.float64)
+        self.shard = np.array([it["shard"] for it in self.items], dtype=np.int64)
+        self.offset = np.array([it["offset"] for it in self.items], dtype=np.int64)
+        self.length = np.array([it["length"] for it in self.items], dtype=np.int64)
+        self.frame_offset = np.array([it["frame_offset"] for it in self.items], dtype=np.int64)
+        self.n_frames = np.array([it["n_frames"] for it in self.items], dtype=np.int64)
+        self._audio: dict[int, np.ndarray] = {}
+        self._codes: dict[int, np.ndarray] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_audio"], state["_codes"] = {}, {}
+        return state
+
+    def _maps(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._pid != os.getpid():
+            self._audio, self._codes, self._pid = {}, {}, os.getpid()
+        if k not in self._audio:
+            entry = self.shards[k]
+            self._audio[k] = np.load(self.directory / entry["audio"], mmap_mode="r")
+            self._codes[k] = np.load(self.directory / entry["codes"], mmap_mode="r")
+            if self._audio[k].shape != (entry["n_samples"],) or self._codes[k].shape != (self.n_codebooks, entry["n_frames"]):
+                raise DataError(f"{self.directory}: shard {k} does not match index.json (modified or truncated?)")
+        return self._audio[k], self._codes[k]
+
+    def audio(self, i: int) -> np.ndarray:
+        """int16 view of item i's whole 24 kHz waveform."""
+        a, _ = self._maps(int(self.shard[i]))
+        return a[self.offset[i] : self.offset[i] + self.length[i]]
+
+    def codes(self, i: int) -> np.ndarray:
+        """int16 view [n_codebooks, n_frames] of item i's teacher codes."""
+        _, c = self._maps(int(self.shard[i]))
+        return c[:, self.frame_offset[i] : self.frame_offset[i] + self.n_frames[i]]
+
+    def hours_per_culture(self, split: str | None = None) -> dict[str, float]:
+        keep = np.ones(len(self), bool) if split is None else (self.split == split)
+        hours: dict[str, float] = {}
+        for culture, length in zip(self.culture[keep], self.length[keep]):
+            hours[culture] = hours.get(culture, 0.0) + float(length) / self.sample_rate / 3600
+        return hours
+
+
+def mixture_weights(
+    hours: dict[str, float], scheme: Literal["hours", "uniform", "temperature"], temperature: float = 1.0
+) -> dict[str, float]:
+    """Culture weights (summing to 1): proportional to hours, uniform, or hours ** (1 / temperature)."""
+    if not hours:
+        raise ConfigError("mixture: no cultures to weight")
+    if scheme == "uniform":
+        raw = {c: 1.0 for c in hours}
+    elif scheme == "hours":
+        raw = dict(hours)
+    elif scheme == "temperature":
+        if temperature <= 0:
+            raise ConfigError(f"mixture.temperature must be > 0, got {temperature}")
+        raw = {c: h ** (1.0 / temperature) for c, h in hours.items()}
+    else:
+        raise ConfigError(f"mixture.weighting: unknown scheme {scheme!r}")
+    total = sum(raw.values())
+    if total <= 0:
+        raise ConfigError("mixture: all culture weights are zero")
+    return {c: w / total for c, w in raw.items()}
+
+
+class MixtureSpec(StrictModel):
+    """Which cultures a crop is drawn from and how often.
+
+    ``replay`` values are absolute fractions of crops (their sum must be < 1); ``sources`` share the rest. With
+    ``weighting="explicit"`` the ``sources`` values are relative weights; with ``hours``/``uniform``/
+    ``temperature`` the values are ignored and the weights come from the prepared hours of those cultures.
+    ``MixtureSpec(sources={"turkish": 0.4, "chinese": 0.4}, replay={"western": 0.2})``: 40/40/20 %.
+    """
+
+    sources: dict[str, float]
+    replay: dict[str, float] = {}
+    weighting: Literal["explicit", "hours", "uniform", "temperature"] = "explicit"
+    temperature: float = 1.0
+
+    @field_validator("sources", "replay")
+    @classmethod
+    def _non_negative(cls, value: dict[str, float]) -> dict[str, float]:
+        for culture, w in value.items():
+            if not math.isfinite(w) or w < 0:
+                raise ValueError(f"weight of {culture!r} must be finite and >= 0, got {w}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MixtureSpec:
+        if not self.sources:
+            raise ValueError("sources: at least one culture is required")
+        if self.weighting == "explicit" and sum(self.sources.values()) <= 0:
+            raise ValueError("sources: weights sum to 0")
+        total_replay = sum(self.replay.values())
+        if total_replay >= 1:
+            raise ValueError(f"replay: fractions sum to {total_replay:g}; must be < 1")
+        both = set(self.sources) & set(self.replay)
+        if both:
+            raise ValueError(f"cultures in both sources and replay: {sorted(both)}")
+        return self
+
+    def probabilities(self, hours: dict[str, float]) -> dict[str, float]:
+        """Per-culture crop probabilities given the available hours per culture."""
+        missing = [c for c in (*self.sources, *self.replay) if c not in hours]
+        if missing:
+            raise ConfigError(
+                f"mixture: culture(s) {missing} not in the prepared data (available: {sorted(hours)})"
+            )
+        empty = [c for c in (*self.sources, *self.replay) if hours[c] <= 0]
+        if empty:
+            raise ConfigError(f"mixture: culture(s) {empty} have no usable crops")
+        if self.weighting == "explicit":
+            total = sum(self.sources.values())
+            src = {c: w / total for c, w in self.sources.items()}
+        else:
+            src = mixture_weights({c: hours[c] for c in self.sources}, self.weighting, self.temperature)  # type: ignore[arg-type]
+        replay_total = sum(self.replay.values())
+        probs = {c: p * (1 - replay_total) for c, p in src.items()}
+        probs.update(self.replay)
+        return probs
+
+
+@dataclass
+class CropPlan:
+    """The crops of one batch: which dataset/item and where (sample start on the 320 grid)."""
+
+    dataset: np.ndarray
+    item: np.ndarray
+    start: np.ndarray
+    culture: list[str]
+
+
+class MixtureLoader:
+    """Fixed-length, label-aligned crops mixed across cultures; batch k is a pure function of (seed, rank, k).
+
+    Returns ``{"wav": float32 [B, L], "codes": int64 [B, n_codebooks, L // 320], "culture": list[str],
+    "length": int64 [B] (valid samples), "step": k}``. Crop starts are multiples of 320 so codes[:, :, j]
+    belongs to wav[:, 320j : 320j + 320]. Within a culture, crops are uniform over all grid positions of all
+    items (times the manifest weight), i.e. every second of audio is equally likely.
+
+    ``short_items="skip"`` (default) never draws items shorter than the crop; ``"pad"`` also draws them, zero-pads
+    the audio and fills missing label frames with ``PAD_CODE`` (-1). Under torch.distributed each rank passes its
+    ``rank`` and gets its own stream; ``batch_size`` is per rank.
+    """
+
+    def __init__(
+        self,
+        datasets: Sequence[PreparedDataset | str | os.PathLike] | PreparedDataset | str | os.PathLike,
+        mixture: MixtureSpec | None = None,
+        *,
+        batch_size: int = 8,
+        crop_samples: int = DEFAULT_CROP_SAMPLES,
+        seed: int = 0,
+        rank: int = 0,
+        split: str | None = "train",
+        short_items: Literal["skip", "pad"] = "skip",
+    ):
+        if isinstance(datasets, (PreparedDataset, str, os.PathLike)):
+            datasets = [datasets]
+        self.datasets = [d if isinstance(d, PreparedDataset) else PreparedDataset(d) for d in datasets]
+        if not self.datasets:
+            raise ConfigError("MixtureLoader: no datasets")
+        if crop_samples <= 0 or crop_samples % HOP_SAMPLES:
+            raise ConfigError(f"crop_samples must be a positive multiple of {HOP_SAMPLES}, got {crop_samples}")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if short_items not in ("skip", "pad"):
+            raise ConfigError(f"short_items must be 'skip' or 'pad', got {short_items!r}")
+        first = self.datasets[0]
+        for d in self.datasets[1:]:
+            if (d.teacher["name"], d.n_codebooks, d.codebook_size) != (first.teacher["name"], first.n_codebooks, first.codebook_size):
+                raise DataError(
+                    f"{d.directory} was tokenised by {d.teacher['name']} ({d.n_codebooks}x{d.codebook_size}); "
+                    f"{first.directory} by {first.teacher['name']} ({first.n_codebooks}x{first.codebook_size})"
+                )
+        self.n_codebooks = first.n_codebooks
+        self.crop_samples = crop_samples
+        self.crop_frames = crop_samples // HOP_SAMPLES
+        self.batch_size = batch_size
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.short_items = short_items
+
+        ds_idx, item_idx, cultures, positions, weights = [], [], [], [], []
+        for d_i, d in enumerate(self.datasets):
+            keep = np.ones(len(d), bool) if split is None else (d.split == split)
+            keep &= d.weight > 0
+            if short_items == "skip":
+                keep &= d.length >= crop_samples
+            idx = np.flatnonzero(keep)
+            n_pos = np.maximum((d.length[idx] - crop_samples) // HOP_SAMPLES + 1, 1)
+            # a short (padded) item counts in proportion to its real audio so seconds stay equally likely
+            frac = np.minimum(d.length[idx] / crop_samples, 1.0)
+            ds_idx.append(np.full(idx.size, d_i))
+            item_idx.append(idx)
+            cultures.append(d.culture[idx])
+            positions.append(n_pos)
+            weights.append(d.weight[idx] * np.where(d.length[idx] >= crop_samples, n_pos, frac))
+        culture_all = np.concatenate(cultures) if cultures else np.zeros(0, object)
+        order = np.argsort(culture_all, kind="stable")  # group items by culture
+        self._ds = np.concatenate(ds_idx)[order]
+        self._item = np.concatenate(item_idx)[order]
+        self._positions = np.concatenate(positions)[order]
+        item_weights = np.concatenate(weights)[order]
+        culture_sorted = culture_all[order]
+        names, starts = np.unique(culture_sorted, return_index=True)
+        self.culture_names: list[str] = [str(c) for c in names]
+        bounds = np.append(starts, culture_sorted.size)
+        self._cum = np.concatenate([[0.0], np.cumsum(item_weights)])
+        self._lo = self._cum[bounds[:-1]]
+        self._hi = self._cum[bounds[1:]]
+        self._first = bounds[:-1]
+        self._last = bounds[1:] - 1
+        crop_hours = {
+            c: float(item_weights[bounds[i] : bounds[i + 1]].sum()) for i, c in enumerate(self.culture_names)
+        }
+        if mixture is None:
+            probs = mixture_weights(crop_hours, "hours")
+        else:
+            probs = mixture.probabilities(crop_hours)
+        self.culture_probabilities = {c: float(p) for c, p in probs.items() if p > 0}
+        self._active = np.array([self.culture_names.index(c) for c in self.culture_probabilities], dtype=np.int64)
+        p = np.array(list(self.culture_probabilities.values()), dtype=np.float64)
+        self._p = p / p.sum()
+        if not self.culture_probabilities:
+            raise DataError(f"no items of at least {crop_samples} samples in split {split!r}")
+
+    def state_dict(self, step: int) -> dict[str, int]:
+        """Everything needed to continue at ``step``: the loader has no other hidden state."""
+        return {"seed": self.seed, "rank": self.rank, "step": int(step)}
+
+    def plan(self, step: int) -> CropPlan:
+        """Which crops batch ``step`` contains (vectorised draws from a generator seeded by (seed, rank, step))."""
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.rank, int(step)]))
+        which = self._active[rng.choice(self._active.size, size=self.batch_size, p=self._p)]
+        u, v = rng.random(self.batch_size), rng.random(self.batch_size)
+        target = self._lo[which] + u * (self._hi[which] - self._lo[which])
+        row = np.searchsorted(self._cum, target, side="right") - 1
+        row = np.clip(row, self._first[which], self._last[which])
+        position = np.minimum((v * self._positions[row]).astype(np.int64), self._positions[row] - 1)
+        return CropPlan(
+            dataset=self._ds[row],
+            item=self._item[row],
+            start=position * HOP_SAMPLES,
+            culture=[self.culture_names[c] for c in which],
+        )
+
+    def batch(self, step: int) -> dict[str, Any]:
+        """Batch number ``step`` as numpy arrays (see the class docstring)."""
+        plan = self.plan(step)
+        B, L, T = self.batch_size, self.crop_samples, self.crop_frames
+        wav = np.zeros((B, L), dtype=np.float32)
+        codes = np.full((B, self.n_codebooks, T), PAD_CODE, dtype=np.int64)
+        length = np.empty(B, dtype=np.int64)
+        for b in range(B):
+            d = self.datasets[plan.dataset[b]]
+            i = int(plan.item[b])
+            start = int(plan.start[b])
+            audio = d.audio(i)[start : start + L]
+            int16_to_float(audio, out=wav[b, : audio.size])
+            frames = d.codes(i)[:, start // HOP_SAMPLES : start // HOP_SAMPLES + T]
+            codes[b, :, : frames.shape[1]] = frames
+            length[b] = audio.size
+        return {"wav": wav, "codes": codes, "culture": plan.culture, "length": length, "step": int(step)}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.iterate()
+
+    def iterate(self, start_step: int = 0, num_steps: int | None = None) -> Iterator[dict[str, Any]]:
+        step = start_step
+        while num_steps is None or step < start_step + num_steps:
+            yield self.batch(step)
+            step += 1
+
+
+#: Alias: the crop sampler is the loader's ``plan``; kept for the name used in the design notes.
+CropSampler = MixtureLoader
+
+
+class _StepDataset:
+    """Map-style torch dataset whose index is the step: DataLoader workers compute whole batches."""
+
+    def __init__(self, loader: MixtureLoader):
+        self.loader = loader
+
+    def __getitem__(self, step: int) -> dict[str, Any]:
+        import torch
+
+        batch = self.loader.batch(step)
+        return {
+            "wav": torch.from_numpy(batch["wav"]),
+            "codes": torch.from_numpy(batch["codes"]),
+            "length": torch.from_numpy(batch["length"]),
+            "culture": batch["culture"],
+            "step": batch["step"],
+        }
+
+
+def torch_loader(
+    loader: MixtureLoader,
+    *,
+    start_step: int = 0,
+    num_steps: int | None = None,
+    num_workers: int = 4,
+    pin_memory: bool = True,
+    prefetch_factor: int = 4,
+) -> Iterable[dict[str, Any]]:
+    """A torch DataLoader yielding batches ``start_step, start_step + 1, ...`` in order, built by workers.
+
+    Resuming mid-epoch is ``torch_loader(loader, start_step=saved_step)``: the batches equal those an
+    uninterrupted run would have seen.
+    """
+    import itertools
+
+    import torch
+
+    steps: Iterable[int] = itertools.count(start_step) if num_steps is None else range(start_step, start_step + num_steps)
+    return torch.utils.data.DataLoader(
+        _StepDataset(loader),  # type: ignore[arg-type]
+        batch_size=None,
+        sampler=steps,  # type: ignore[arg-type]
+        num_workers=num_workers,
+        pin_memory=pin_memory and torch.cuda.is_available(),
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        persistent_workers=False,
+    )
+
+
+__all__ = [
+    "HOP_SAMPLES",
+    "DEFAULT_CROP_SAMPLES",
+    "PAD_CODE",
+    "INT16_SCALE",
+    "ManifestRow",
+    "read_manifest",
+    "label_frames",
+    "prepare",
+    "PrepareSummary",
+    "PreparedDataset",
+    "MixtureSpec",
+    "mixture_weights",
+    "MixtureLoader",
+    "CropSampler",
+    "CropPlan",
+    "torch_loader",
+    "atomic_write",
+    "write_json_atomic",
+    "save_npy_atomic",
+]

@@ -1,0 +1,380 @@
+"""Tests for culturemert.merge: exact identities, hand-computed TIES, DARE statistics, validation, sweeps."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from culturemert.errors import ConfigError, UserError
+from culturemert.merge import (
+    MergeOptions,
+    format_lambda,
+    merge_state_dicts,
+    merge_with_report,
+    parse_lambda_range,
+    run_sweep,
+    select_best_lambda,
+)
+
+
+def _base(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "backbone.feature_extractor.conv.weight": torch.randn(4, 1, 3, generator=g).to(dtype),
+        "backbone.encoder.layer.0.weight": torch.randn(5, 6, generator=g).to(dtype),
+        "backbone.encoder.layer.0.bias": torch.randn(6, generator=g).to(dtype),
+        "heads.final_proj.weight": torch.randn(3, 5, generator=g).to(dtype),
+        "backbone.step": torch.tensor([7], dtype=torch.int64),
+    }
+
+
+def _derived(base: dict[str, torch.Tensor], seed: int, scale: float = 0.05) -> dict[str, torch.Tensor]:
+    """A model 'continually trained' from base: small perturbation of every float tensor."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    out = {}
+    for name, t in base.items():
+        if t.is_floating_point():
+            out[name] = (t.float() + scale * torch.randn(t.shape, generator=g)).to(t.dtype)
+        else:
+            out[name] = t.clone()
+    return out
+
+
+def _assert_equal_dicts(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert list(a) == list(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert torch.equal(a[name], b[name]), name
+
+
+# ------------------------------------------------------------------------------------------- identities
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare", "dare_ties"])
+def test_lambda_zero_returns_base_exactly(method: str) -> None:
+    base = _base()
+    models = [_derived(base, i) for i in range(3)]
+    merged = merge_state_dicts(base, models, method, 0.0, density=0.5, drop_rate=0.5)
+    _assert_equal_dicts(merged, base)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare"])
+def test_one_model_lambda_one_returns_that_model_exactly(method: str) -> None:
+    base = _base()
+    model = _derived(base, 0)
+    merged = merge_state_dicts(base, [model], method, 1.0, density=1.0, drop_rate=0.0)
+    _assert_equal_dicts(merged, model)
+
+
+def test_mean_form_equals_plain_average() -> None:
+    base = _base()
+    models = [_derived(base, i) for i in range(4)]
+    merged = merge_state_dicts(base, models, "task_arithmetic", 1.0, mean=True)
+    for name, t in base.items():
+        if t.is_floating_point():
+            average = (sum(m[name].double() for m in models) / 4).to(t.dtype)
+            assert torch.equal(merged[name], average), name
+    # The same through linear averaging, which never touches the base.
+    linear = merge_state_dicts(None, models, "linear")
+    for name in base:
+        torch.testing.assert_close(linear[name], merged[name], rtol=0, atol=1e-7)
+
+
+def test_task_arithmetic_formula_with_per_model_lambdas() -> None:
+    base = _base()
+    models = [_derived(base, i) for i in range(3)]
+    lambdas = [0.2, -0.5, 1.5]
+    merged = merge_state_dicts(base, models, "task_arithmetic", lambdas)
+    name = "backbone.encoder.layer.0.weight"
+    expected = base[name].double() + sum(lam * (m[name].double() - base[name].double()) for lam, m in zip(lambdas, models))
+    assert torch.equal(merged[name], expected.float())
+    # mean=True divides every λ_i by n.
+    mean_merged = merge_state_dicts(base, models, "task_arithmetic", [3 * v for v in lambdas], mean=True)
+    torch.testing.assert_close(mean_merged[name], merged[name], rtol=0, atol=1e-6)
+
+
+def test_linear_weights_are_normalised() -> None:
+    # No base: the relatedness check cannot apply and does not get in the way.
+    a = {"w": torch.tensor([1.0, 2.0, 3.0])}
+    b = {"w": torch.tensor([5.0, 6.0, -1.0])}
+    merged = merge_state_dicts(None, [a, b], "linear", weights=[1.0, 3.0])
+    assert torch.equal(merged["w"], torch.tensor([4.0, 5.0, 0.0]))
+
+
+# ------------------------------------------------------------------------------------------- TIES by hand
+
+TIES_BASE = torch.tensor([1.0, -1.0, 0.5, 2.0, 0.0, 3.0])
+TIES_TAUS = [
+    torch.tensor([3.0, -1.0, 2.0, 0.5, -4.0, 1.0]),  # top-3 |.|: 4, 3, 2 -> [3, 0, 2, 0, -4, 0]
+    torch.tensor([-2.0, -2.5, 1.5, 0.5, 4.0, -3.0]),  # top-3: 4, 3, 2.5 -> [0, -2.5, 0, 0, 4, -3]
+    torch.tensor([1.5, 3.0, -1.0, -0.5, 0.1, 2.0]),  # top-3: 3, 2, 1.5 -> [1.5, 3, 0, 0, 0, 2]
+]
+# Elected signs of the trimmed sums [4.5, 0.5, 2, 0, 0, -1]: +, +, +, 0 (nothing kept), 0 (exact tie -4 + 4), -.
+# Disjoint means over agreeing models: [(3+1.5)/2, 3, 2, 0, 0, -3].
+TIES_MERGED = torch.tensor([2.25, 3.0, 2.0, 0.0, 0.0, -3.0])
+
+
+def _ties_inputs() -> tuple[dict, list[dict]]:
+    base = {"w": TIES_BASE.clone()}
+    return base, [{"w": TIES_BASE + tau} for tau in TIES_TAUS]
+
+
+def test_ties_matches_hand_computation_including_sign_tie() -> None:
+    base, models = _ties_inputs()
+    merged = merge_state_dicts(base, models, "ties", 0.5, density=0.5, allow_unrelated=True)
+    expected = TIES_BASE + 0.5 * TIES_MERGED
+    assert torch.equal(merged["w"], expected)
+    # Element 4 is an exact sign tie (-4 vs +4 after trimming): it stays at the base value.
+    assert merged["w"][4].item() == TIES_BASE[4].item()
+
+
+def test_ties_per_model_lambdas_enter_after_sign_election() -> None:
+    base, models = _ties_inputs()
+    lambdas = [1.0, 2.0, 0.5]
+    merged = merge_state_dicts(base, models, "ties", lambdas, density=0.5, allow_unrelated=True)
+    # Element 1: λ-weighted election would be 2*(-2.5) + 0.5*3 < 0, but the paper (and we) elect on unweighted
+    # trimmed values (sum +0.5 -> '+'), so only model 3 agrees and contributes 0.5 * 3.
+    delta = torch.tensor([(1.0 * 3 + 0.5 * 1.5) / 2, 0.5 * 3, 1.0 * 2, 0.0, 0.0, 2.0 * -3])
+    assert torch.equal(merged["w"], TIES_BASE + delta)
+
+
+def test_ties_trim_keeps_entries_tied_with_threshold() -> None:
+    base = {"w": torch.full((4,), 100.0)}
+    model = {"w": base["w"] + torch.tensor([2.0, -2.0, 2.0, 1.0])}
+    # density 0.5 -> k = 2 but three entries tie at |2|; all three are kept, the 1.0 is trimmed.
+    merged = merge_state_dicts(base, [model], "ties", 1.0, density=0.5)
+    assert torch.equal(merged["w"], base["w"] + torch.tensor([2.0, -2.0, 2.0, 0.0]))
+
+
+# ------------------------------------------------------------------------------------------- DARE
+
+
+def test_dare_with_zero_drop_equals_task_arithmetic() -> None:
+    base = _base()
+    models = [_derived(base, i) for i in range(3)]
+    dare = merge_state_dicts(base, models, "dare", 0.3, drop_rate=0.0, seed=5)
+    ta = merge_state_dicts(base, models, "task_arithmetic", 0.3)
+    _assert_equal_dicts(dare, ta)
+    # dare_ties at drop 0 equals ties at density 1 (no trimming).
+    _assert_equal_dicts(
+        merge_state_dicts(base, models, "dare_ties", 0.7, drop_rate=0.0),
+        merge_state_dicts(base, models, "ties", 0.7, density=1.0),
+    )
+
+
+def test_dare_is_seeded_and_independent_of_tensor_order() -> None:
+    base = _base()
+    models = [_derived(base, i) for i in range(2)]
+    first = merge_state_dicts(base, models, "dare", 0.5, drop_rate=0.5, seed=3)
+    again = merge_state_dicts(base, models, "dare", 0.5, drop_rate=0.5, seed=3)
+    _assert_equal_dicts(first, again)
+    reversed_base = dict(reversed(list(base.items())))
+    reversed_models = [dict(reversed(list(m.items()))) for m in models]
+    reordered = merge_state_dicts(reversed_base, reversed_models, "dare", 0.5, drop_rate=0.5, seed=3)
+    for name in base:
+        assert torch.equal(reordered[name], first[name]), name
+    other = merge_state_dicts(base, models, "dare", 0.5, drop_rate=0.5, seed=4)
+    assert not torch.equal(other["backbone.encoder.layer.0.weight"], first["backbone.encoder.layer.0.weight"])
+
+
+def test_dare_preserves_task_vector_in_expectation() -> None:
+    n = 200_000
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(n, generator=g)}
+    tau = 0.01 + 0.002 * torch.randn(n, generator=g)
+    model = {"w": base["w"] + tau}
+    merged = merge_state_dicts(base, [model], "dare", 1.0, drop_rate=0.9, seed=0)
+    dropped_tau = merged["w"].double() - base["w"].double()
+    kept = dropped_tau.abs() > 1e-6
+    assert abs(kept.double().mean().item() - 0.1) < 0.005  # Bernoulli(0.1) keep rate
+    # Survivors are rescaled by 1/(1-p) = 10, so the mean task vector is preserved (±3 % with this n).
+    assert dropped_tau.mean().item() == pytest.approx(tau.double().mean().item(), rel=0.03)
+    torch.testing.assert_close(dropped_tau[kept], 10 * tau.double()[kept], rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- dtypes, finiteness
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare", "dare_ties", "linear"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_come_back_in_their_dtype(method: str, dtype: torch.dtype) -> None:
+    base = _base(dtype=dtype)
+    models = [_derived(base, i) for i in range(3)]
+    merged = merge_state_dicts(base if method != "linear" else None, models, method, None if method == "linear" else 0.4)
+    for name, t in merged.items():
+        assert t.dtype == base[name].dtype, name
+        if t.is_floating_point():
+            assert torch.isfinite(t).all(), name
+    assert torch.equal(merged["backbone.step"], base["backbone.step"])
+
+
+def test_outputs_finite_for_large_lambdas() -> None:
+    base = _base()
+    models = [_derived(base, i) for i in range(4)]
+    for method in ("task_arithmetic", "ties", "dare", "dare_ties"):
+        merged = merge_state_dicts(base, models, method, 10.0, drop_rate=0.5)
+        assert all(torch.isfinite(t).all() for t in merged.values() if t.is_floating_point()), method
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+
+def test_shape_mismatch_names_the_tensor() -> None:
+    base = _base()
+    model = _derived(base, 0)
+    model["backbone.encoder.layer.0.bias"] = torch.zeros(7)
+    with pytest.raises(UserError, match=r"shape mismatch for 'backbone.encoder.layer.0.bias'.*\(7,\).*\(6,\)"):
+        merge_state_dicts(base, [_derived(base, 1), model], "task_arithmetic", 0.2, model_labels=["a", "b"])
+
+
+def test_missing_and_extra_keys_are_reported() -> None:
+    base = _base()
+    model = _derived(base, 0)
+    del model["heads.final_proj.weight"]
+    with pytest.raises(UserError, match=r"model 1 \(m1\).*missing 'heads.final_proj.weight'"):
+        merge_state_dicts(base, [model], "task_arithmetic", 0.2, model_labels=["m1"])
+    model = _derived(base, 0)
+    model["extra.weight"] = torch.zeros(2)
+    with pytest.raises(UserError, match=r"unexpected 'extra.weight'"):
+        merge_state_dicts(base, [model], "ties", 1.0)
+
+
+def test_nan_and_inf_are_reported_with_model_and_tensor() -> None:
+    base = _base()
+    bad = _derived(base, 1)
+    bad["backbone.encoder.layer.0.weight"][2, 3] = float("nan")
+    with pytest.raises(UserError, match=r"model 2 \(second\) has NaN/inf values in 'backbone.encoder.layer.0.weight'"):
+        merge_state_dicts(base, [_derived(base, 0), bad], "task_arithmetic", 0.2, model_labels=["first", "second"])
+    inf_base = _base()
+    inf_base["heads.final_proj.weight"][0, 0] = float("inf")
+    with pytest.raises(UserError, match=r"the base has NaN/inf values in 'heads.final_proj.weight'"):
+        merge_state_dicts(inf_base, [_derived(_base(), 0)], "task_arithmetic", 0.2)
+
+
+def test_unrelated_model_is_rejected_unless_allowed() -> None:
+    base = _base(seed=0)
+    unrelated = _base(seed=1)  # same architecture, different initialisation: ratio about sqrt(2)
+    with pytest.raises(UserError, match=r"model 1 \(other\) does not look derived from the base.*--allow-unrelated"):
+        merge_state_dicts(base, [unrelated], "task_arithmetic", 0.2, model_labels=["other"])
+    _, report = merge_with_report(base, [unrelated], MergeOptions(lambdas=0.2, allow_unrelated=True), progress=False)
+    assert 1.0 < report.task_vector_ratios[0] < 2.0
+    _, related = merge_with_report(base, [_derived(base, 0)], MergeOptions(lambdas=0.2), progress=False)
+    assert related.task_vector_ratios[0] < 0.2
+    # The threshold is configurable.
+    with pytest.raises(UserError, match="does not look derived"):
+        merge_state_dicts(base, [_derived(base, 0)], "task_arithmetic", 0.2, max_task_vector_ratio=0.01)
+
+
+def test_integer_buffers_must_match() -> None:
+    base = _base()
+    model = _derived(base, 0)
+    model["backbone.step"] = torch.tensor([8])
+    with pytest.raises(UserError, match=r"non-float tensor 'backbone.step' differs"):
+        merge_state_dicts(base, [model], "task_arithmetic", 0.2)
+
+
+def test_option_validation() -> None:
+    base = _base()
+    models = [_derived(base, i) for i in range(2)]
+    with pytest.raises(ConfigError, match="already averages"):
+        merge_state_dicts(base, models, "ties", 1.0, mean=True)
+    with pytest.raises(ConfigError, match="got 3 lambdas for 2 models"):
+        merge_state_dicts(base, models, "task_arithmetic", [0.1, 0.2, 0.3])
+    with pytest.raises(ConfigError, match="linear' takes weights"):
+        merge_state_dicts(base, models, "linear", 0.5)
+    with pytest.raises(ConfigError, match="drop_rate"):
+        merge_state_dicts(base, models, "dare", 0.5, drop_rate=1.0)
+    with pytest.raises(UserError, match="needs a base"):
+        merge_state_dicts(None, models, "task_arithmetic", 0.5)
+
+
+# ------------------------------------------------------------------------------------------- scope
+
+
+def test_scope_exclusion_keeps_base_values() -> None:
+    base = _base()
+    models = [_derived(base, i) for i in range(2)]
+    merged = merge_state_dicts(
+        base, models, "task_arithmetic", 0.5, exclude=["backbone.feature_extractor.*", "heads.*"]
+    )
+    assert torch.equal(merged["backbone.feature_extractor.conv.weight"], base["backbone.feature_extractor.conv.weight"])
+    assert torch.equal(merged["heads.final_proj.weight"], base["heads.final_proj.weight"])
+    assert not torch.equal(merged["backbone.encoder.layer.0.weight"], base["backbone.encoder.layer.0.weight"])
+    full = merge_state_dicts(base, models, "task_arithmetic", 0.5)
+    assert torch.equal(merged["backbone.encoder.layer.0.weight"], full["backbone.encoder.layer.0.weight"])
+    only = merge_state_dicts(base, models, "task_arithmetic", 0.5, include=["backbone.encoder.*"])
+    assert torch.equal(only["heads.final_proj.weight"], base["heads.final_proj.weight"])
+    assert torch.equal(only["backbone.encoder.layer.0.bias"], full["backbone.encoder.layer.0.bias"])
+
+
+def test_pattern_that_matches_nothing_is_an_error() -> None:
+    base = _base()
+    with pytest.raises(UserError, match=r"--exclude pattern 'backbone.feature_extracter.\*' matches no parameter"):
+        merge_state_dicts(base, [_derived(base, 0)], "task_arithmetic", 0.2, exclude=["backbone.feature_extracter.*"])
+
+
+# ------------------------------------------------------------------------------------------- sweeps
+
+
+def test_parse_lambda_range_and_format() -> None:
+    values = parse_lambda_range("0.1:1.0:0.1")
+    assert len(values) == 10 and values[0] == 0.1 and values[-1] == 1.0
+    assert [format_lambda(v) for v in values[:3]] == ["0.1", "0.2", "0.3"]
+    assert format_lambda(1.0) == "1" and format_lambda(0.0) == "0"
+    assert parse_lambda_range("0.3,0.1") == [0.1, 0.3]
+    with pytest.raises(ConfigError):
+        parse_lambda_range("1:0:0.1")
+    with pytest.raises(ConfigError):
+        parse_lambda_range("a:b")
+
+
+def test_select_best_lambda_ties_go_to_smallest() -> None:
+    results = {0.2: {"a": {"m": 0.5}, "b": {"m": 0.7}}, 0.4: {"a": {"m": 0.7}, "b": {"m": 0.5}}, 0.6: {"a": {"m": 0.1}, "b": {"m": 0.2}}}
+    best, means = select_best_lambda(results, "m")
+    assert best == 0.2 and means[0.4] == pytest.approx(0.6)
+    with pytest.raises(UserError, match="metric 'auc' missing for dataset 'a'"):
+        select_best_lambda(results, "auc")
+
+
+def test_sweep_with_fake_evaluator_picks_argmax_and_writes_report(tmp_path: Path) -> None:
+    lambdas = parse_lambda_range("0.1:0.5:0.1")
+    merged_at: list[float] = []
+
+    def fake_merge(lam: float, target: Path) -> None:
+        target.mkdir(parents=True)
+        (target / "weights.txt").write_text(f"lambda={lam}\n")
+        merged_at.append(lam)
+
+    def fake_evaluate(model_dir: Path) -> dict:
+        lam = float((model_dir / "weights.txt").read_text().split("=")[1])
+        # Dataset 'x' peaks at 0.3, 'y' at 0.4 but flatter; the mean peaks at 0.3.
+        return {
+            "x": {"roc_auc": 0.9 - 2 * (lam - 0.3) ** 2, "ap": 0.5},
+            "y": {"roc_auc": 0.8 - 0.5 * (lam - 0.4) ** 2, "ap": 0.4},
+        }
+
+    result = run_sweep(lambdas, tmp_path, fake_merge, fake_evaluate, "roc_auc", record={"method": "fake"})
+    assert merged_at == lambdas
+    expected_best = max(lambdas, key=lambda l: (0.9 - 2 * (l - 0.3) ** 2 + 0.8 - 0.5 * (l - 0.4) ** 2) / 2)
+    assert result.selected_lambda == expected_best == 0.3
+
+    rows = list(csv.DictReader((tmp_path / "sweep.csv").open()))
+    assert len(rows) == 5 * (2 * 2 + 1)
+    mean_rows = {r["lambda"]: float(r["value"]) for r in rows if r["dataset"] == "mean"}
+    assert mean_rows["0.3"] == pytest.approx(max(mean_rows.values()))
+    x_at_05 = [r for r in rows if r["lambda"] == "0.5" and r["dataset"] == "x" and r["metric"] == "roc_auc"]
+    assert float(x_at_05[0]["value"]) == pytest.approx(0.9 - 2 * 0.04)
+
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    selection = json.loads((tmp_path / "selection.json").read_text())
+    assert selection["selected_lambda"] == 0.3 and selection["split"] == "validation"
+    assert selection["copied_from"] == "lambda_0.3" and selection["method"] == "fake"
+    assert math.isclose(selection["per_dataset"]["x"], 0.9)
+    selected = tmp_path / "selected" / "weights.txt"
+    assert selected.is_file() and not selected.is_symlink() and not (tmp_path / "selected").is_symlink()
+    assert selected.read_text() == "lambda=0.3\n"
