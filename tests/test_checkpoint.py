@@ -303,3 +303,41 @@ def test_convert_cli_missing_source_is_one_line_error(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "checkpoint not found" in err and "Traceback" not in err
+
+
+def test_thirteen_hidden_states_equal_plain_hubert_from_published_layout(tmp_path):
+    """Issue 2 (a): a 12-layer MERT-config model in the published HF layout == transformers.HubertModel."""
+    from transformers import HubertConfig, HubertModel
+
+    model = build_model("tiny", seed=5).eval()
+    cfg = model.config.to_dict()
+    cfg["num_hidden_layers"] = 12
+    twelve = build_model("tiny", seed=5)
+    twelve.backbone = HubertModel(HubertConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "transformers_version")})).eval()
+    d = tmp_path / "mert12"
+    _write_hf_mert_dir(twelve, d, classic_weight_norm=True, as_bin=True)
+    loaded = load_model(d)
+    reference = HubertModel(twelve.backbone.config).eval()
+    reference.load_state_dict(twelve.backbone.state_dict())
+    wav = torch.randn(1, 16000, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = reference(wav, output_hidden_states=True).hidden_states
+    got = _outputs(loaded, wav)
+    assert len(got) == len(ref) == 13
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_fairseq_and_hf_paths_agree_and_unused_keys_are_reported(tmp_path, tiny, wav, capsys):
+    fs = tmp_path / "m.pt"
+    _write_fairseq_checkpoint(tiny, fs, permute_codes=False)
+    hf = tmp_path / "hf"
+    _write_hf_mert_dir(tiny, hf, classic_weight_norm=True, as_bin=False)
+    a, b = load_model(fs), load_model(hf)
+    _assert_same_outputs(a, b, wav, atol=1e-6)
+    assert a.load_report["skipped_recomputable"] == ["encoder_cqt_model.spec_layer.cqt_kernels_real"]
+    assert a.heads.label_embs_concat.shape == (2 * (16 + 4), 8)
+    assert cli_main(["convert", str(fs), "--out", str(tmp_path / "e")]) == 0
+    assert "skipped recomputable buffers: encoder_cqt_model.spec_layer.cqt_kernels_real" in capsys.readouterr().out
+    card = (tmp_path / "e" / "README.md").read_text()
+    assert "AutoModel.from_pretrained" in card and "license:" in card and "2 transformer layers" in card

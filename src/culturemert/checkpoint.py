@@ -490,8 +490,9 @@ def load_fairseq_checkpoint(path: str | Path) -> MertPretrainModel:
     backbone_cfg = _hubert_config_from_fairseq(model_cfg)
     state = ckpt["model"]
     backbone_sd, heads_sd, unused = fairseq_to_culturemert_keys(state, backbone_cfg.feat_extract_norm)
+    skipped = sorted(k for k in state if _FAIRSEQ_SKIP.match(k))
     if unused:
-        log.info("fairseq keys not used by culturemert: %s", ", ".join(sorted(unused)[:20]))
+        log.warning("fairseq keys not used by culturemert: %s", ", ".join(sorted(unused)[:20]))
 
     heads_cfg = None
     if heads_sd:
@@ -545,8 +546,24 @@ def load_fairseq_checkpoint(path: str | Path) -> MertPretrainModel:
             raise CheckpointError(f"{path}: unexpected head tensors {unexpected}")
         if [m for m in missing if not m.startswith("cqt_proj")]:
             raise CheckpointError(f"{path}: missing head tensors {missing}")
+    model.load_report = {
+        "format": "fairseq",
+        "unused_keys": sorted(unused),
+        "skipped_recomputable": skipped,
+        "missing_keys": [] if heads_cfg is None else [k for k in ("cqt_proj.weight", "cqt_proj.bias") if k not in heads_sd],
+        "has_heads": heads_cfg is not None,
+        "num_updates": _num_updates(ckpt),
+    }
     model.eval()
     return model
+
+
+def _num_updates(ckpt: Mapping[str, Any]) -> int | None:
+    history = ckpt.get("optimizer_history")
+    if isinstance(history, list) and history and isinstance(history[-1], Mapping):
+        value = history[-1].get("num_updates")
+        return int(value) if isinstance(value, int) else None
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -579,12 +596,14 @@ def _strip_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _load_backbone_state(model: MertPretrainModel, state: Mapping[str, torch.Tensor], source: str) -> None:
+def _load_backbone_state(model: MertPretrainModel, state: Mapping[str, torch.Tensor], source: str) -> list[str]:
+    """Load backbone tensors strictly; returns the (tolerated) missing keys, i.e. the mask embedding."""
     state = _strip_prefix(state)
     expected = model.backbone.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     # masked_spec_embed is absent from checkpoints saved with mask probs of 0: keep our init then.
+    tolerated = [k for k in missing if k == "masked_spec_embed"]
     missing = [k for k in missing if k != "masked_spec_embed"]
     if missing or unexpected:
         raise CheckpointError(
@@ -595,6 +614,9 @@ def _load_backbone_state(model: MertPretrainModel, state: Mapping[str, torch.Ten
         if tuple(v.shape) != tuple(expected[k].shape):
             raise CheckpointError(f"{source}: tensor {k} has shape {tuple(v.shape)}, config expects {tuple(expected[k].shape)}")
     model.backbone.load_state_dict(state, strict=False)
+    if tolerated:
+        log.warning("%s: no mask embedding in checkpoint; a fresh one is initialised", source)
+    return tolerated
 
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -650,6 +672,8 @@ def _load_export(directory: Path, with_heads: bool, verify: bool) -> MertPretrai
     if heads_cfg is not None:
         heads_sd = load_file(directory / HEADS_FILE)
         model.heads.load_state_dict(heads_sd, strict=True)
+    model.load_report = {"format": "culturemert-export", "unused_keys": [], "missing_keys": [],
+                         "has_heads": heads_cfg is not None}
     model.eval()
     return model
 
@@ -661,7 +685,9 @@ def _load_hf_dir(directory: Path) -> MertPretrainModel:
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{config_path}: cannot read config ({exc})") from None
     model = MertPretrainModel(_hubert_config_from_hf(config, str(directory)), None)
-    _load_backbone_state(model, _read_weights(directory), str(directory))
+    missing = _load_backbone_state(model, _read_weights(directory), str(directory))
+    model.load_report = {"format": f"hf:{config.get('model_type', 'hubert')}", "unused_keys": [],
+                         "missing_keys": missing, "has_heads": False}
     model.eval()
     return model
 
@@ -724,7 +750,9 @@ def _model_card(meta: Mapping[str, Any]) -> str:
     lines = [
         "---",
         "library_name: transformers",
+        f"license: {card.get('license', 'other')}",
         "tags: [audio, music, mert, culturemert]",
+        *([f"base_model: {card['base_model']}"] if card.get("base_model") else []),
         "---",
         "",
         f"# {card.get('name', 'culturemert export')}",
@@ -743,6 +771,16 @@ def _model_card(meta: Mapping[str, Any]) -> str:
     ]
     if meta.get("base_fingerprint"):
         lines.append(f"- base fingerprint: `{meta['base_fingerprint']}`")
+    lines += [
+        "",
+        "## Architecture",
+        "",
+        f"- {meta.get('architecture', 'MERT (HuBERT-style)')}",
+    ]
+    if card.get("data"):
+        lines += ["", "## Training data", "", *(f"- {k}: {v}" for k, v in dict(card["data"]).items())]
+    if card.get("evaluation"):
+        lines += ["", "## Evaluation", "", str(card["evaluation"])]
     if card:
         lines += ["", "## Provenance", "", "```json", json.dumps(card, indent=2, default=str), "```"]
     return "\n".join(lines) + "\n"
@@ -808,6 +846,11 @@ def save_export(
             "base_fingerprint": base_fingerprint,
             "heads": model.heads.config.model_dump() if model.heads is not None else None,
             "num_hidden_states": model.num_layers + 1,
+            "architecture": (
+                f"{model.num_layers} transformer layers x {model.hidden_size} ({'pre' if model.config.do_stable_layer_norm else 'post'}-LN), "
+                f"{len(model.config.conv_dim)}-layer conv front end (stride {int(torch.tensor(model.config.conv_stride).prod())}, "
+                f"75 Hz at 24 kHz), {sum(p.numel() for p in model.backbone.parameters()):,} backbone parameters"
+            ),
             "sample_rate": 24000,
             "card": dict(card or {}),
         }

@@ -28,6 +28,13 @@ def run(args: argparse.Namespace) -> int:
     card = {"name": f"converted from {args.source}", "converted_from": str(args.source),
             "source_fingerprint": model_fingerprint(model)}
     out = save_export(model, args.out, card=card, dtype=_DTYPES.get(args.dtype) if args.dtype else None)
+    report = getattr(model, "load_report", {})
+    if report.get("unused_keys"):
+        print(f"unused source tensors ({len(report['unused_keys'])}): {', '.join(report['unused_keys'][:10])}")
+    if report.get("skipped_recomputable"):
+        print(f"skipped recomputable buffers: {', '.join(report['skipped_recomputable'])}")
+    if report.get("missing_keys"):
+        print(f"missing in source, freshly initialised: {', '.join(report['missing_keys'])}")
     sizes = export_bytes_summary(out)
     heads = "with pre-training heads" if model.heads is not None else "without pre-training heads"
     print(f"wrote {out} ({heads}; {model.num_layers} layers, hidden {model.hidden_size})")
