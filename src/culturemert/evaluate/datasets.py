@@ -275,11 +275,13 @@ def _finish(
     items: list[Item],
     missing_audio: list[str],
     top_n: int | None,
-    vocabulary: Sequence[str] | None,
+    vocabulary: Sequence[str] | str | Path | None,
     vocabulary_splits: Sequence[str] = ("train",),
     dropped: dict[str, list[str]] | None = None,
     audio_root: str | Path | None = None,
 ) -> TaggingDataset:
+    if isinstance(vocabulary, (str, Path)):
+        vocabulary = _read_vocabulary_file(vocabulary)
     if vocabulary is None:
         vocab = top_n_vocabulary((it.tags for it in items if it.split in vocabulary_splits), top_n)
     else:
@@ -465,7 +467,7 @@ def load_lyra(
     val_fraction: float = 0.1,
     seed: int = 10,
     top_n: int | None = DEFAULT_TOP_N["lyra"],
-    vocabulary: Sequence[str] | None = None,
+    vocabulary: Sequence[str] | str | Path | None = None,
     vocabulary_splits: Sequence[str] = ("train", "valid"),
 ) -> TaggingDataset:
     """Lyra (pxaris/lyra-dataset): official ``split/{training,test}.tsv``; validation carved out of training.
@@ -675,7 +677,7 @@ def load_dunya(
     split_dir: str | Path,
     audio_root: str | Path | None = None,
     top_n: int | None = None,
-    vocabulary: Sequence[str] | None = None,
+    vocabulary: Sequence[str] | str | Path | None = None,
     missing_metadata: Literal["error", "drop"] = "error",
 ) -> TaggingDataset:
     """Turkish-makam, Hindustani or Carnatic (CompMusic corpora on Dunya) with ccml's splits.
@@ -959,7 +961,7 @@ def load_fma(
     audio_root: str | Path | None = None,
     genres_csv: str | Path | None = None,
     top_n: int | None = DEFAULT_TOP_N["fma"],
-    vocabulary: Sequence[str] | None = None,
+    vocabulary: Sequence[str] | str | Path | None = None,
     subset: Literal["small", "medium", "large"] = "medium",
     genre_field: Literal["genres_all", "genres", "genre_top"] = "genres_all",
 ) -> TaggingDataset:
@@ -1010,7 +1012,7 @@ def load_generic_csv(
     path: str | Path,
     name: str | None = None,
     top_n: int | None = None,
-    vocabulary: Sequence[str] | None = None,
+    vocabulary: Sequence[str] | str | Path | None = None,
 ) -> TaggingDataset:
     """Any tradition: a CSV with columns ``path``, ``split``, ``tags`` (``|``-joined), optional ``id``.
 
