@@ -378,3 +378,183 @@ def test_sweep_with_fake_evaluator_picks_argmax_and_writes_report(tmp_path: Path
     selected = tmp_path / "selected" / "weights.txt"
     assert selected.is_file() and not selected.is_symlink() and not (tmp_path / "selected").is_symlink()
     assert selected.read_text() == "lambda=0.3\n"
+
+
+# ------------------------------------------------------------------------------------------- end to end (tiny models)
+
+
+def _tiny_exports(tmp_path: Path, n: int = 2, heads: tuple[bool, ...] | None = None) -> tuple[Path, list[Path], object]:
+    """A tiny base export and ``n`` exports derived from it (small perturbations, base fingerprint recorded)."""
+    import copy
+
+    from culturemert.checkpoint import model_fingerprint, save_export
+    from culturemert.model import build_model
+
+    base = build_model("tiny", seed=0)
+    base_dir = save_export(base, tmp_path / "base") or tmp_path / "base"
+    base_fp = model_fingerprint(base)
+    paths = []
+    g = torch.Generator().manual_seed(7)
+    for i in range(n):
+        model = copy.deepcopy(base)
+        if heads is not None and not heads[i]:
+            model.heads = None
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=g))
+        path = tmp_path / f"culture{i}"
+        save_export(model, path, base_fingerprint=base_fp)
+        paths.append(path)
+    return Path(base_dir), paths, base
+
+
+def test_cli_merge_end_to_end_matches_state_dict_merge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    from culturemert.checkpoint import load_model, model_fingerprint, read_export_metadata
+    from culturemert.cli import main
+
+    base_dir, model_dirs, _ = _tiny_exports(tmp_path, n=2)
+    out = tmp_path / "merged"
+    code = main(
+        ["merge", "--base", str(base_dir), "--models", *map(str, model_dirs), "--method", "ties", "--lambda", "0.8",
+         "--density", "0.5", "--exclude", "backbone.feature_extractor.*", "--out", str(out)]
+    )
+    assert code == 0
+    merged = load_model(str(out))
+    base = load_model(str(base_dir))
+    inputs = [load_model(str(d)) for d in model_dirs]
+    expected = merge_state_dicts(
+        base.state_dict(), [m.state_dict() for m in inputs], "ties", 0.8, density=0.5,
+        exclude=["backbone.feature_extractor.*"],
+    )
+    got = merged.state_dict()
+    assert set(got) == set(expected)
+    for name, t in expected.items():
+        assert torch.equal(got[name], t), name
+    assert merged.heads is not None  # every input had heads and the scope includes them
+
+    meta = read_export_metadata(out)
+    record = meta["card"]["merge"]
+    assert record["method"] == "ties" and record["lambdas"] == [0.8, 0.8]
+    assert record["base"]["fingerprint"] == model_fingerprint(base) == meta["base_fingerprint"]
+    assert [i["fingerprint"] for i in record["inputs"]] == [model_fingerprint(m) for m in inputs]
+    assert record["fingerprint"] == model_fingerprint(merged) == meta["fingerprint"]
+    assert record["scope"]["exclude"] == ["backbone.feature_extractor.*"] and record["scope"]["heads_merged"]
+
+    plain = transformers.AutoModel.from_pretrained(out)
+    plain_sd = plain.state_dict()
+    for name, t in merged.backbone.state_dict().items():
+        assert torch.equal(plain_sd[name], t), name
+
+
+def test_cli_rejects_recorded_different_base(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from culturemert.checkpoint import save_export
+    from culturemert.cli import main
+    from culturemert.model import build_model
+
+    base_dir, model_dirs, _ = _tiny_exports(tmp_path, n=1)
+    other_base = tmp_path / "other_base"
+    save_export(build_model("tiny", seed=1), other_base)
+    out = tmp_path / "merged"
+    args = ["merge", "--base", str(other_base), "--models", str(model_dirs[0]), "--lambda", "0.2", "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "records that it was trained from a model with fingerprint" in err and "--allow-unrelated" in err
+    assert not out.exists()
+    # --allow-unrelated overrides both checks (the fingerprint and the ≈1.4 norm ratio of a different init).
+    assert main([*args, "--allow-unrelated"]) == 0
+
+
+def test_heads_are_dropped_when_an_input_lacks_them(tmp_path: Path) -> None:
+    from culturemert.checkpoint import load_model
+    from culturemert.merge import merge_models
+
+    base_dir, model_dirs, _ = _tiny_exports(tmp_path, n=2, heads=(True, False))
+    record = merge_models(base_dir, model_dirs, tmp_path / "out", lambdas=0.3)
+    merged = load_model(str(tmp_path / "out"))
+    assert merged.heads is None and not record["scope"]["heads_merged"]
+
+
+def test_sweep_on_tiny_models_with_injected_evaluator(tmp_path: Path) -> None:
+    from culturemert.checkpoint import load_model
+    from culturemert.merge import sweep_merge
+
+    base_dir, model_dirs, base = _tiny_exports(tmp_path, n=2)
+    calls = []
+
+    def evaluator(model_dir: Path, eval_config: object) -> dict:
+        calls.append((model_dir.name, eval_config))
+        model = load_model(str(model_dir))
+        # Score = closeness of one weight to a target: a real function of the merged weights.
+        distance = float((model.backbone.encoder.layer_norm.weight.detach() - 1.0).abs().mean())
+        return {"toy": {"roc_auc": -abs(distance - 0.004), "ap": 0.0}}
+
+    out = tmp_path / "sweep"
+    result = sweep_merge(base_dir, model_dirs, [0.0, 0.5, 1.0], out, "eval.yaml", MergeOptions(), evaluator=evaluator)
+    assert [c[0] for c in calls] == ["lambda_0", "lambda_0.5", "lambda_1"] and calls[0][1] == "eval.yaml"
+    assert result.selected_lambda == max(result.mean_metric, key=result.mean_metric.get)
+    selection = json.loads((out / "selection.json").read_text())
+    assert selection["split"] == "validation" and selection["eval_config"] == "eval.yaml"
+    selected = load_model(str(out / "selected"))
+    chosen = load_model(str(out / f"lambda_{format_lambda(result.selected_lambda)}"))
+    for name, t in chosen.state_dict().items():
+        assert torch.equal(selected.state_dict()[name], t), name
+    # λ = 0 reproduces the base through the whole export/load path.
+    zero = load_model(str(out / "lambda_0"))
+    for name, t in base.state_dict().items():
+        assert torch.equal(zero.state_dict()[name], t), name
+
+
+def test_cli_sweep_uses_evaluate_on_validation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+    import types
+
+    from culturemert.cli import main
+
+    base_dir, model_dirs, _ = _tiny_exports(tmp_path, n=2)
+    seen = []
+
+    def evaluate_on_validation(model_dir: Path, eval_config: str) -> dict:
+        seen.append((Path(model_dir).name, eval_config))
+        lam = float(Path(model_dir).name.split("_")[1])
+        return {"a": {"roc_auc": 1 - abs(lam - 0.4)}, "b": {"roc_auc": 1 - abs(lam - 0.6)}}
+
+    fake = types.ModuleType("culturemert.evaluate")
+    fake.evaluate_on_validation = evaluate_on_validation  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "culturemert.evaluate", fake)
+    out = tmp_path / "sweep"
+    base_args = ["merge", "--base", str(base_dir), "--models", *map(str, model_dirs), "--out", str(out)]
+    assert main([*base_args, "--sweep", "0.2:0.8:0.2"]) == 2
+    assert "--sweep needs --select-on" in capsys.readouterr().err
+    assert main([*base_args, "--sweep", "0.2:0.8:0.2", "--select-on", "val.yaml", "--mean"]) == 0
+    assert [s[0] for s in seen] == ["lambda_0.2", "lambda_0.4", "lambda_0.6", "lambda_0.8"]
+    assert all(s[1] == "val.yaml" for s in seen)
+    selection = json.loads((out / "selection.json").read_text())
+    # Means: 0.2 -> 0.6, 0.4 -> 0.9, 0.6 -> 0.9, 0.8 -> 0.6: a tie between 0.4 and 0.6 goes to the smaller λ.
+    assert selection["selected_lambda"] == 0.4 and selection["options"]["mean"] is True
+    assert "selected λ=0.4" in capsys.readouterr().out
+    from culturemert.checkpoint import read_export_metadata
+
+    assert read_export_metadata(out / "selected")["card"]["merge"]["lambdas"] == [0.2, 0.2]  # 0.4 / 2 models
+
+
+def test_cli_linear_without_base(tmp_path: Path) -> None:
+    from culturemert.checkpoint import load_model
+    from culturemert.cli import main
+
+    _, model_dirs, _ = _tiny_exports(tmp_path, n=2)
+    out = tmp_path / "avg"
+    assert main(["merge", "--models", *map(str, model_dirs), "--method", "linear", "--weights", "1", "3", "--out", str(out)]) == 0
+    a, b = (load_model(str(d)) for d in model_dirs)
+    merged = load_model(str(out))
+    name = "backbone.encoder.layers.0.attention.q_proj.weight"
+    expected = (0.25 * a.state_dict()[name].double() + 0.75 * b.state_dict()[name].double()).float()
+    assert torch.equal(merged.state_dict()[name], expected)
+    from culturemert.checkpoint import model_fingerprint, read_export_metadata
+
+    # No base given: the inputs agree on the base they record, so the average inherits it.
+    assert read_export_metadata(out)["base_fingerprint"] == read_export_metadata(model_dirs[0])["base_fingerprint"]
+    assert read_export_metadata(out)["card"]["merge"]["weights"] == [0.25, 0.75]
+    assert model_fingerprint(merged) == read_export_metadata(out)["fingerprint"]

@@ -294,18 +294,27 @@ def merge_with_report(
     task_sq_norms = [0.0] * n
     merged: dict[str, torch.Tensor] = {}
 
+    def fetch(i: int, name: str, ref: torch.Tensor) -> torch.Tensor:
+        """Input i's tensor, validated against the reference (shape, floatness, finiteness)."""
+        t = models[i][name]
+        if t.shape != ref.shape:
+            raise UserError(
+                f"shape mismatch for {name!r}: {_describe(model_labels, i)} has {tuple(t.shape)}, "
+                f"{reference_label} has {tuple(ref.shape)} (different architectures cannot be merged)"
+            )
+        if t.is_floating_point() != ref.is_floating_point():
+            raise UserError(f"{name!r} is {t.dtype} in {_describe(model_labels, i)} but {ref.dtype} in {reference_label}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise UserError(f"{_describe(model_labels, i)} has NaN/inf values in {name!r}")
+        return t
+
+    # Inputs are read one tensor at a time and, for the summing methods, one model at a time, so the working set
+    # per tensor is a handful of float64 copies (TIES needs all n task vectors of a tensor at once for the vote).
     for name in tqdm(names, desc=f"merge ({opts.method})", unit="tensor", disable=not progress or None, leave=False):
         ref = reference[name]
-        tensors = [m[name] for m in models]
-        for i, t in enumerate(tensors):
-            if t.shape != ref.shape:
-                raise UserError(
-                    f"shape mismatch for {name!r}: {_describe(model_labels, i)} has {tuple(t.shape)}, "
-                    f"{reference_label} has {tuple(ref.shape)} (different architectures cannot be merged)"
-                )
-        all_inputs = ([ref] if base is not None else []) + tensors
-        if not ref.is_floating_point() or any(not t.is_floating_point() for t in tensors):
-            for i, t in enumerate(tensors):
+        if not ref.is_floating_point():
+            for i in range(n):
+                t = fetch(i, name, ref)
                 if t.dtype != ref.dtype or not torch.equal(t, ref):
                     raise UserError(
                         f"non-float tensor {name!r} differs between {_describe(model_labels, i)} and "
@@ -316,51 +325,52 @@ def merge_with_report(
             continue
         if base is not None and not torch.isfinite(ref).all():
             raise UserError(f"{base_label} has NaN/inf values in {name!r}")
-        for i, t in enumerate(tensors):
-            if not torch.isfinite(t).all():
-                raise UserError(f"{_describe(model_labels, i)} has NaN/inf values in {name!r}")
         out_dtype = ref.dtype
-        for t in all_inputs:
-            out_dtype = torch.promote_types(out_dtype, t.dtype)
         if not in_scope(name, opts.include, opts.exclude):
+            for i in range(n):
+                out_dtype = torch.promote_types(out_dtype, fetch(i, name, ref).dtype)
             merged[name] = ref.to(out_dtype, copy=True)
             report.kept_from_base.append(name)
             continue
 
-        if opts.method == "linear":
-            acc = torch.zeros(ref.shape, dtype=_COMPUTE_DTYPE)
-            for w, t in zip(report.weights, tensors, strict=True):
-                acc.add_(t.to(_COMPUTE_DTYPE), alpha=w)
-            if base is not None:
-                base64 = ref.to(_COMPUTE_DTYPE)
-                base_sq_norm += float(base64.square().sum())
-                for i, t in enumerate(tensors):
-                    task_sq_norms[i] += float((t.to(_COMPUTE_DTYPE) - base64).square().sum())
-            merged[name] = acc.to(out_dtype)
-            report.merged.append(name)
-            continue
-
         base64 = ref.to(_COMPUTE_DTYPE)
-        base_sq_norm += float(base64.square().sum())
-        deltas = []
-        for i, t in enumerate(tensors):
-            delta = t.to(_COMPUTE_DTYPE) - base64
-            task_sq_norms[i] += float(delta.square().sum())
-            deltas.append(delta)
-        if opts.method in ("dare", "dare_ties"):
-            deltas = [dare_drop(d, opts.drop_rate, opts.seed, i, name) for i, d in enumerate(deltas)]
-        if opts.method in SUMMING_METHODS:
-            combined = torch.zeros_like(base64)
-            for lam, d in zip(report.lambdas, deltas, strict=True):
-                combined.add_(d, alpha=lam)
+        if base is not None:
+            base_sq_norm += float(base64.square().sum())
+        if opts.method in DISJOINT_METHODS:
+            deltas = []
+            for i in range(n):
+                t = fetch(i, name, ref)
+                out_dtype = torch.promote_types(out_dtype, t.dtype)
+                delta = t.to(_COMPUTE_DTYPE) - base64
+                task_sq_norms[i] += float(delta.square().sum())
+                if opts.method == "dare_ties":
+                    delta = dare_drop(delta, opts.drop_rate, opts.seed, i, name)
+                else:
+                    delta = trim_top_magnitude(delta, opts.density)
+                deltas.append(delta)
+            result = base64 + ties_combine(deltas, report.lambdas)
+            del deltas
         else:
-            if opts.method == "ties":
-                deltas = [trim_top_magnitude(d, opts.density) for d in deltas]
-            combined = ties_combine(deltas, report.lambdas)
-        merged[name] = (base64 + combined).to(out_dtype)
+            result = torch.zeros_like(base64) if opts.method == "linear" else base64.clone()
+            for i in range(n):
+                t = fetch(i, name, ref)
+                out_dtype = torch.promote_types(out_dtype, t.dtype)
+                value = t.to(_COMPUTE_DTYPE)
+                del t
+                if opts.method == "linear":
+                    if base is not None:  # only for the relatedness check
+                        task_sq_norms[i] += float((value - base64).square().sum())
+                    result.add_(value, alpha=report.weights[i])
+                else:
+                    value.sub_(base64)  # τ_i
+                    task_sq_norms[i] += float(value.square().sum())
+                    if opts.method == "dare":
+                        value = dare_drop(value, opts.drop_rate, opts.seed, i, name)
+                    result.add_(value, alpha=report.lambdas[i])
+                del value
+        merged[name] = result.to(out_dtype)
         report.merged.append(name)
-        del deltas, combined
-
+        del base64, result
     if base is not None and report.merged:
         base_norm = math.sqrt(base_sq_norm)
         report.task_vector_ratios = [math.sqrt(s) / base_norm if base_norm > 0 else math.inf for s in task_sq_norms]
@@ -451,9 +461,9 @@ HEADS_PREFIX = "heads."
 class LoadedInputs:
     """Base and input models loaded once (a sweep merges them many times)."""
 
-    base_source: str
-    base: Any  # MertPretrainModel
-    base_fingerprint: str
+    base_source: str | None  # None: linear averaging without a base (the first model is the template)
+    base: Any  # MertPretrainModel: the base, or the template for the output's config and buffers
+    base_fingerprint: str | None
     sources: list[str]
     models: list[Any]
     fingerprints: list[str]
@@ -471,19 +481,25 @@ def _recorded_base_fingerprint(source: str) -> str | None:
     return str(value) if value else None
 
 
-def load_inputs(base_source: str | Path, model_sources: Sequence[str | Path], *, allow_unrelated: bool = False) -> LoadedInputs:
-    """Load base and inputs with ``culturemert.checkpoint.load_model`` and check recorded base fingerprints."""
+def load_inputs(
+    base_source: str | Path | None, model_sources: Sequence[str | Path], *, allow_unrelated: bool = False
+) -> LoadedInputs:
+    """Load base and inputs with ``culturemert.checkpoint.load_model`` and check recorded base fingerprints.
+
+    ``base_source=None`` is for linear averaging only: the first model then serves as the output's template.
+    """
     from culturemert.checkpoint import load_model, model_fingerprint
 
     if not model_sources:
         raise UserError("merge needs at least one model (--models)")
-    base = load_model(str(base_source))
-    base_fp = model_fingerprint(base)
     models, fingerprints = [], []
     for source in model_sources:
         model = load_model(str(source))
         models.append(model)
         fingerprints.append(model_fingerprint(model))
+    base = load_model(str(base_source)) if base_source is not None else models[0]
+    base_fp = model_fingerprint(base) if base_source is not None else None
+    for source in model_sources if base_source is not None else ():
         recorded = _recorded_base_fingerprint(str(source))
         if recorded is not None and recorded != base_fp:
             message = (
@@ -498,7 +514,7 @@ def load_inputs(base_source: str | Path, model_sources: Sequence[str | Path], *,
     if not every_has_heads and (base.heads is not None or any(m.heads is not None for m in models)):
         log.warning("not every input has pre-training heads: merging the backbone only; the output has no heads")
     return LoadedInputs(
-        base_source=str(base_source),
+        base_source=str(base_source) if base_source is not None else None,
         base=base,
         base_fingerprint=base_fp,
         sources=[str(s) for s in model_sources],
@@ -529,7 +545,7 @@ def merge_loaded(
 
     with_heads = inputs.heads_merged
     merged, report = merge_with_report(
-        _state_dict_for_merge(inputs.base, with_heads),
+        _state_dict_for_merge(inputs.base, with_heads) if inputs.base_source is not None else None,
         [_state_dict_for_merge(m, with_heads) for m in inputs.models],
         options,
         model_labels=inputs.sources,
@@ -562,7 +578,9 @@ def merge_loaded(
             "num_kept_from_base": len(report.kept_from_base),
         },
         "seed": options.seed if options.method in ("dare", "dare_ties") else None,
-        "base": {"source": inputs.base_source, "fingerprint": inputs.base_fingerprint},
+        "base": (
+            {"source": inputs.base_source, "fingerprint": inputs.base_fingerprint} if inputs.base_source else None
+        ),
         "inputs": [
             {"source": s, "fingerprint": fp, "task_vector_ratio": r}
             for s, fp, r in zip(
@@ -578,13 +596,18 @@ def merge_loaded(
     if card_extra:
         card.update(card_extra)
     # The merge derives from the base like its inputs did, so a merged model can itself be merged on that base.
-    save_export(output, str(out_dir), card=card, base_fingerprint=inputs.base_fingerprint)
+    base_fingerprint = inputs.base_fingerprint
+    if inputs.base_source is None:
+        # Linear averaging without --base: inherit the inputs' recorded base when they all agree on one.
+        recorded = {_recorded_base_fingerprint(source) for source in inputs.sources}
+        base_fingerprint = recorded.pop() if len(recorded) == 1 else None
+    save_export(output, str(out_dir), card=card, base_fingerprint=base_fingerprint)
     log.info("merged %d models (%s) into %s", len(inputs.models), options.method, out_dir)
     return record
 
 
 def merge_models(
-    base_source: str | Path,
+    base_source: str | Path | None,
     model_sources: Sequence[str | Path],
     out_dir: str | Path,
     options: MergeOptions | None = None,
@@ -594,7 +617,7 @@ def merge_models(
 ) -> dict[str, Any]:
     """Load ``base_source`` and ``model_sources`` (any format ``load_model`` reads), merge, write an export.
 
-    The backbone is always merged; the pre-training heads are merged when every input and the base have them (and
+    ``base_source`` may be None for ``linear`` only. The backbone is always merged; the pre-training heads are merged when every input and the base have them (and
     the scope includes them), otherwise the output has no heads. Returns the merge record stored in the card.
     """
     opts = _options_from(options, **option_kwargs)
@@ -765,6 +788,17 @@ def run_sweep(
     return SweepResult(selected_lambda=selected, mean_metric=means, results=results, out_dir=out)
 
 
+def _default_evaluator() -> Evaluator:
+    """``culturemert.evaluate.evaluate_on_validation``, imported only when a sweep runs (heavy imports)."""
+    import importlib
+
+    package = importlib.import_module("culturemert.evaluate")
+    evaluator = getattr(package, "evaluate_on_validation", None)
+    if evaluator is None:  # defined in the pipeline module; the package may not re-export it
+        evaluator = importlib.import_module("culturemert.evaluate.pipeline").evaluate_on_validation
+    return evaluator
+
+
 def sweep_merge(
     base_source: str | Path,
     model_sources: Sequence[str | Path],
@@ -788,7 +822,7 @@ def sweep_merge(
     if isinstance(opts.lambdas, list):
         raise ConfigError("a λ sweep scans one λ shared by all models; drop the per-model lambdas")
     if evaluator is None:
-        from culturemert.evaluate import evaluate_on_validation as evaluator  # lazy: heavy imports
+        evaluator = _default_evaluator()
     inputs = load_inputs(base_source, model_sources, allow_unrelated=opts.allow_unrelated)
 
     def merge_to_dir(lam: float, target: Path) -> None:

@@ -34,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lam.add_argument(
         "--lambda",
         dest="lambda_",
+        metavar="L",
         type=float,
         help="λ for every model (default: "
         + ", ".join(f"{m} {v:g}" for m, v in DEFAULT_LAMBDA.items())
@@ -93,12 +94,8 @@ def run(args: argparse.Namespace) -> int:
     if args.sweep is None:
         if args.select_on is not None:
             raise ConfigError("--select-on only applies with --sweep")
-        if args.base is None:
-            # linear without a base: the first model provides config and non-float buffers.
-            base, models = args.models[0], args.models
-        else:
-            base, models = args.base, args.models
-        record = merge_models(base, models, args.out, options)
+        models = args.models
+        record = merge_models(args.base, models, args.out, options)
         lambdas = record["lambdas"] if record["lambdas"] is not None else record["weights"]
         print(
             f"wrote {args.out}: {record['method']} of {len(models)} models "
