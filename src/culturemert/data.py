@@ -24,9 +24,12 @@ import logging
 import math
 import multiprocessing
 import os
+import shutil
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -229,8 +232,11 @@ def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
 
 def _remove_stale_tmp(directory: Path) -> None:
     if directory.is_dir():
-        for tmp in directory.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
+        for tmp in directory.glob(".*.tmp"):  # left by a killed run; never trusted, so safe to drop
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -318,22 +324,46 @@ def _decode_row(task: tuple[int, str, int, str]) -> dict[str, Any]:
     }
 
 
-def _map(fn: Callable, tasks: list, workers: int, desc: str, progress: bool) -> Iterator:
-    """Ordered map, in-process for workers <= 1, else a spawn pool (safe alongside torch threads)."""
-    bar = tqdm(total=len(tasks), desc=desc, unit="file", disable=not progress, leave=False)
-    try:
-        if workers <= 1 or len(tasks) <= 1:
-            for task in tasks:
+class _Workers:
+    """Ordered map over files, in-process for workers <= 1, else a spawn process pool (safe next to torch).
+
+    If the pool breaks (a worker killed by the OOM killer or a decoder crash, or a main module that spawn cannot
+    re-import, e.g. code piped to ``python -``) the remaining files are decoded in-process instead of hanging.
+    """
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._executor: ProcessPoolExecutor | None = None
+
+    def map(self, fn: Callable, tasks: list, desc: str, progress: bool) -> Iterator:
+        bar = tqdm(total=len(tasks), desc=desc, unit="file", disable=not progress, leave=False)
+        try:
+            done = 0
+            if self.workers > 1 and len(tasks) > 1:
+                if self._executor is None:
+                    self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+                futures = [self._executor.submit(fn, task) for task in tasks]
+                try:
+                    for future in futures:
+                        result = future.result()
+                        done += 1
+                        bar.update()
+                        yield result
+                except BrokenProcessPool:
+                    log.warning("decoding worker pool broke; decoding the remaining %d file(s) in-process", len(tasks) - done)
+                    self.close()
+                    self.workers = 0
+            for task in tasks[done:]:
                 yield fn(task)
                 bar.update()
-        else:
-            ctx = multiprocessing.get_context("spawn")
-            with ctx.Pool(min(workers, len(tasks))) as pool:
-                for result in pool.imap(fn, tasks, chunksize=1):
-                    yield result
-                    bar.update()
-    finally:
-        bar.close()
+        finally:
+            bar.close()
+
+    def close(self) -> None:
+        """Stop the worker processes (idempotent)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
 
 
 def _teacher_spec(teacher: Any) -> dict[str, Any]:
@@ -410,13 +440,25 @@ def _iter_fit_waveforms(
 
 
 def _encode_shard(
-    teacher: Any, audio: np.ndarray, items: list[dict], chunk_samples: int, batch_size: int
+    teacher: Any, audio: np.ndarray, items: list[dict], chunk_samples: int, context_samples: int, batch_size: int
 ) -> np.ndarray:
-    """Codes [n_codebooks, sum of n_frames] for a shard, items in order, long items encoded in chunks."""
-    chunks: list[tuple[int, int]] = []  # (absolute start in shard, length)
+    """Codes [n_codebooks, sum of n_frames] for a shard, items in order, long items encoded in chunks.
+
+    Chunk starts are multiples of 320 samples, so the chunks' kept frames concatenate to exactly
+    ceil(length / 320) frames. Each chunk is encoded with up to ``context_samples`` of real audio on both sides
+    (frames from the context are dropped), so a teacher whose frames look a little ahead or behind (STFT
+    windows, EnCodec's edge padding) gives the codes of a whole-item pass. Batches are zero-padded on the right.
+    """
+    from culturemert.teachers import check_label_alignment
+
+    # (window start, window length, first kept frame, kept frames) per chunk, all in shard coordinates
+    chunks: list[tuple[int, int, int, int]] = []
     for it in items:
         for start in range(0, it["length"], chunk_samples):
-            chunks.append((it["offset"] + start, min(chunk_samples, it["length"] - start)))
+            n = min(chunk_samples, it["length"] - start)
+            left = min(context_samples, start)
+            right = min(context_samples, it["length"] - start - n)
+            chunks.append((it["offset"] + start - left, left + n + right, left // HOP_SAMPLES, label_frames(n)))
     out: list[np.ndarray] = [np.empty(0)] * len(chunks)
     order = sorted(range(len(chunks)), key=lambda c: -chunks[c][1])  # similar lengths share a batch
     for b in range(0, len(order), batch_size):
@@ -424,7 +466,7 @@ def _encode_shard(
         width = chunks[members[0]][1]
         batch = np.zeros((len(members), width), dtype=np.float32)
         for row, c in enumerate(members):
-            start, n = chunks[c]
+            start, n = chunks[c][:2]
             int16_to_float(audio[start : start + n], out=batch[row, :n])
         codes = np.asarray(teacher.encode(batch))
         if codes.ndim != 3 or codes.shape[0] != len(members) or codes.shape[1] != teacher.n_codebooks:
@@ -432,11 +474,12 @@ def _encode_shard(
                 f"teacher {teacher.name!r} returned codes of shape {codes.shape}, expected "
                 f"[{len(members)}, {teacher.n_codebooks}, T]"
             )
+        check_label_alignment(width, codes.shape[2])
         for row, c in enumerate(members):
-            n_frames = label_frames(chunks[c][1])
-            if codes.shape[2] < n_frames:
+            _, _, first, n_frames = chunks[c]
+            if codes.shape[2] < first + n_frames:
                 raise DataError(f"teacher {teacher.name!r} returned {codes.shape[2]} frames for {width} samples")
-            out[c] = codes[row, :, :n_frames]
+            out[c] = codes[row, :, first : first + n_frames]
     if not out:
         return np.zeros((teacher.n_codebooks, 0), dtype=np.int16)
     merged = np.concatenate(out, axis=1)
@@ -485,6 +528,7 @@ def prepare(
     nonfinite: Literal["reject", "zero"] = "reject",
     kmeans_fit_seconds: float = 3600.0,
     teacher_chunk_seconds: float = 30.0,
+    teacher_context_seconds: float = 1.0,
     teacher_batch_size: int = 8,
     min_codebook_fraction: float = 0.02,
     progress: bool = True,
@@ -513,6 +557,7 @@ def prepare(
     _remove_stale_tmp(out)
     _remove_stale_tmp(out / "shards")
 
+    context_samples = max(0, int(teacher_context_seconds * TARGET_SAMPLE_RATE)) // HOP_SAMPLES * HOP_SAMPLES
     chunk_samples = max(HOP_SAMPLES, int(teacher_chunk_seconds * TARGET_SAMPLE_RATE) // HOP_SAMPLES * HOP_SAMPLES)
     settings = {
         "sample_rate": TARGET_SAMPLE_RATE,
@@ -523,66 +568,71 @@ def prepare(
         "seed": int(seed),
         "kmeans_fit_seconds": float(kmeans_fit_seconds),
         "teacher_chunk_samples": chunk_samples,
+        "teacher_context_samples": context_samples,
         "teacher": _teacher_spec(teacher),
         "teacher_state": None if _needs_fit(teacher) else _teacher_state(teacher),
     }
     row_dicts = [asdict(r) for r in rows]
     fingerprint = hashlib.sha256(_dumps({"settings": settings, "rows": row_dicts}).encode()).hexdigest()
 
-    # --- plan: probe headers, assign rows to shards (reused verbatim on resume)
-    plan_path = out / "plan.json"
-    plan: dict[str, Any] | None = None
-    if plan_path.is_file():
-        plan = json.loads(plan_path.read_text(encoding="utf-8"))
-        if plan.get("fingerprint") != fingerprint:
-            raise DataError(
-                f"{out} holds a prepare run with a different manifest or settings "
-                f"(plan.json fingerprint differs); use a new --out directory or delete {out}"
+    pool = _Workers(workers)
+    try:
+        # --- plan: probe headers, assign rows to shards (reused verbatim on resume)
+        plan_path = out / "plan.json"
+        plan: dict[str, Any] | None = None
+        if plan_path.is_file():
+            plan = json.loads(plan_path.read_text(encoding="utf-8"))
+            if plan.get("fingerprint") != fingerprint:
+                raise DataError(
+                    f"{out} holds a prepare run with a different manifest or settings "
+                    f"(plan.json fingerprint differs); use a new --out directory or delete {out}"
+                )
+            log.info("resuming prepare in %s", out)
+        else:
+            probe_results = list(
+                pool.map(_probe_row, [(r_id, r.path, min_seconds) for r_id, r in enumerate(rows)], "probe", progress)
             )
-        log.info("resuming prepare in %s", out)
-    else:
-        probe_results = list(
-            _map(_probe_row, [(r_id, r.path, min_seconds) for r_id, r in enumerate(rows)], workers, "probe", progress)
-        )
-        plan_skips = [{"id": p["id"], "reason": p["reason"]} for p in probe_results if "reason" in p]
-        estimates = [(p["id"], p["seconds"]) for p in probe_results if "reason" not in p]
-        plan = {
-            "version": INDEX_VERSION,
-            "fingerprint": fingerprint,
-            "settings": settings,
-            "rows": row_dicts,
-            "plan_skipped": plan_skips,
-            "shards": _plan_shards(estimates, shard_seconds),
-        }
-        write_json_atomic(plan_path, plan)
-    shards: list[list[int]] = plan["shards"]
+            plan_skips = [{"id": p["id"], "reason": p["reason"]} for p in probe_results if "reason" in p]
+            estimates = [(p["id"], p["seconds"]) for p in probe_results if "reason" not in p]
+            plan = {
+                "version": INDEX_VERSION,
+                "fingerprint": fingerprint,
+                "settings": settings,
+                "rows": row_dicts,
+                "plan_skipped": plan_skips,
+                "shards": _plan_shards(estimates, shard_seconds),
+            }
+            write_json_atomic(plan_path, plan)
+        shards: list[list[int]] = plan["shards"]
 
-    # --- phase 1: audio shards
-    min_samples = int(round(min_seconds * TARGET_SAMPLE_RATE))
-    shard_meta: list[dict | None] = [_audio_done(out, k) for k in range(len(shards))]
-    reused = sum(m is not None for m in shard_meta)
-    done_now = 0
-    for k, row_ids in enumerate(tqdm(shards, desc="audio shards", unit="shard", disable=not progress)):
-        if shard_meta[k] is not None:
-            continue
-        if _stop_after_shards is not None and done_now >= _stop_after_shards:
-            raise KeyboardInterrupt("simulated interruption")
-        tasks = [(r_id, rows[r_id].path, min_samples, nonfinite) for r_id in row_ids]
-        items, skipped, pieces, offset = [], [], [], 0
-        for res in _map(_decode_row, tasks, workers, f"decode shard {k}", progress):
-            if "reason" in res:
-                skipped.append({"id": res["id"], "reason": res["reason"]})
+        # --- phase 1: audio shards
+        min_samples = int(round(min_seconds * TARGET_SAMPLE_RATE))
+        shard_meta: list[dict | None] = [_audio_done(out, k) for k in range(len(shards))]
+        reused = sum(m is not None for m in shard_meta)
+        done_now = 0
+        for k, row_ids in enumerate(tqdm(shards, desc="audio shards", unit="shard", disable=not progress)):
+            if shard_meta[k] is not None:
                 continue
-            samples = res.pop("samples")
-            items.append({**res, "offset": offset, "length": int(samples.size)})
-            pieces.append(samples)
-            offset += samples.size
-        audio = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int16)
-        save_npy_atomic(out / _shard_name("audio", k, "npy"), audio)
-        meta = {"shard": k, "n_samples": int(audio.size), "items": items, "skipped": skipped}
-        write_json_atomic(out / _shard_name("items", k, "json"), meta)  # commit marker: written after the audio
-        shard_meta[k] = meta
-        done_now += 1
+            if _stop_after_shards is not None and done_now >= _stop_after_shards:
+                raise KeyboardInterrupt("simulated interruption")
+            tasks = [(r_id, rows[r_id].path, min_samples, nonfinite) for r_id in row_ids]
+            items, skipped, pieces, offset = [], [], [], 0
+            for res in pool.map(_decode_row, tasks, f"decode shard {k}", progress):
+                if "reason" in res:
+                    skipped.append({"id": res["id"], "reason": res["reason"]})
+                    continue
+                samples = res.pop("samples")
+                items.append({**res, "offset": offset, "length": int(samples.size)})
+                pieces.append(samples)
+                offset += samples.size
+            audio = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int16)
+            save_npy_atomic(out / _shard_name("audio", k, "npy"), audio)
+            meta = {"shard": k, "n_samples": int(audio.size), "items": items, "skipped": skipped}
+            write_json_atomic(out / _shard_name("items", k, "json"), meta)  # commit marker: written after the audio
+            shard_meta[k] = meta
+            done_now += 1
+    finally:
+        pool.close()
     metas: list[dict] = [m for m in shard_meta if m is not None]
     shard_items = [m["items"] for m in metas]
 
@@ -591,8 +641,7 @@ def prepare(
     if _needs_fit(teacher):
         model_path = teacher_dir / "kmeans.safetensors"
         if model_path.is_file():
-            teacher = type(teacher).load(model_path)
-            log.info("loaded the k-means teacher fitted by a previous run from %s", model_path)
+            log.info("using the k-means teacher fitted by a previous run: %s", model_path)
         else:
             n_frames_max = int(kmeans_fit_seconds * teacher.frame_rate)
             log.info("fitting the %s teacher on up to %.0f s of training audio", teacher.name, kmeans_fit_seconds)
@@ -608,6 +657,12 @@ def prepare(
                 teacher_dir.rmdir()
             os.replace(tmp_dir, teacher_dir)
             _fsync_dir(out)
+        # always encode with the saved copy, so a clean and a resumed run use (and record) the same model
+        load_options = {k: getattr(teacher, k) for k in ("device", "batch_size") if hasattr(teacher, k)}
+        try:
+            teacher = type(teacher).load(model_path, **load_options)
+        except TypeError:
+            teacher = type(teacher).load(model_path)
 
     # --- phase 3: teacher codes per shard
     n_cb = int(teacher.n_codebooks)
@@ -617,21 +672,21 @@ def prepare(
         if _codes_done(codes_path, n_cb, n_frames):
             continue
         audio = np.load(out / _shard_name("audio", k, "npy"), mmap_mode="r") if meta["n_samples"] else np.zeros(0, np.int16)
-        codes = _encode_shard(teacher, audio, meta["items"], chunk_samples, teacher_batch_size)
+        codes = _encode_shard(teacher, audio, meta["items"], chunk_samples, context_samples, teacher_batch_size)
         save_npy_atomic(codes_path, codes)
 
     # --- phase 4: checks, then the index (its presence means "complete and verified")
-    from culturemert import teachers as teachers_mod
+    from culturemert.teachers import check_codebook_usage, check_label_alignment
 
-    all_codes = []
+    all_codes: list[np.ndarray] = []
     index_items: list[dict[str, Any]] = []
     for k, meta in enumerate(metas):
-        codes = np.load(out / _shard_name("codes", k, "npy"), mmap_mode="r") if meta["items"] else None
+        codes_path = out / _shard_name("codes", k, "npy")
+        codes = np.load(codes_path, mmap_mode="r") if meta["items"] else np.zeros((n_cb, 0), np.int16)
         frame_offset = 0
         for it in meta["items"]:
             n_frames = label_frames(it["length"])
-            assert codes is not None
-            teachers_mod.check_label_alignment(it["length"], codes[:, frame_offset : frame_offset + n_frames].shape[1])
+            check_label_alignment(it["length"], min(n_frames, codes.shape[1] - frame_offset))
             row = rows[it["id"]]
             index_items.append(
                 {
@@ -650,15 +705,12 @@ def prepare(
                 }
             )
             frame_offset += n_frames
-        if codes is not None:
-            if codes.shape[1] != frame_offset:
-                raise DataError(f"{out / _shard_name('codes', k, 'npy')}: {codes.shape[1]} frames, expected {frame_offset}")
-            all_codes.append(np.asarray(codes))
+        if codes.shape != (n_cb, frame_offset):
+            raise DataError(f"{codes_path}: codes of shape {codes.shape}, expected ({n_cb}, {frame_offset})")
+        all_codes.append(codes)
     if not index_items:
         raise DataError(f"{manifest}: no usable audio (all {len(rows)} files skipped); see {out / 'plan.json'}")
-    teachers_mod.check_codebook_usage(
-        np.concatenate(all_codes, axis=1), int(teacher.codebook_size), min_fraction=min_codebook_fraction
-    )
+    check_codebook_usage(all_codes, int(teacher.codebook_size), min_fraction=min_codebook_fraction, teacher=teacher.name)
 
     skipped = [
         {"line": rows[s["id"]].line, "path": rows[s["id"]].raw_path, "reason": s["reason"]}
@@ -682,7 +734,13 @@ def prepare(
         }
         for k, m in enumerate(metas)
     ]
-    teacher_info = {**_teacher_spec(teacher), "state": _teacher_state(teacher)}
+    state = _teacher_state(teacher)
+    if isinstance(state, dict) and isinstance(state.get("path"), str):
+        try:  # a teacher saved inside out_dir is recorded relative to it: the directory stays relocatable
+            state = {**state, "path": Path(state["path"]).resolve().relative_to(out.resolve()).as_posix()}
+        except ValueError:
+            pass
+    teacher_info = {**_teacher_spec(teacher), "state": state}
     write_json_atomic(
         out / "prepare.json",
         {
@@ -772,8 +830,9 @@ class PreparedDataset:
             self._audio, self._codes, self._pid = {}, {}, os.getpid()
         if k not in self._audio:
             entry = self.shards[k]
-            self._audio[k] = np.load(self.directory / entry["audio"], mmap_mode="r")
-            self._codes[k] = np.load(self.directory / entry["codes"], mmap_mode="r")
+            # plain ndarray views of the maps: np.memmap's per-slice bookkeeping costs more than the copy
+            self._audio[k] = np.load(self.directory / entry["audio"], mmap_mode="r").view(np.ndarray)
+            self._codes[k] = np.load(self.directory / entry["codes"], mmap_mode="r").view(np.ndarray)
             if self._audio[k].shape != (entry["n_samples"],) or self._codes[k].shape != (self.n_codebooks, entry["n_frames"]):
                 raise DataError(f"{self.directory}: shard {k} does not match index.json (modified or truncated?)")
         return self._audio[k], self._codes[k]
@@ -1004,8 +1063,8 @@ class MixtureLoader:
         """Batch number ``step`` as numpy arrays (see the class docstring)."""
         plan = self.plan(step)
         B, L, T = self.batch_size, self.crop_samples, self.crop_frames
-        wav = np.zeros((B, L), dtype=np.float32)
-        codes = np.full((B, self.n_codebooks, T), PAD_CODE, dtype=np.int64)
+        wav = np.empty((B, L), dtype=np.float32)  # every element is written below (copy or padding)
+        codes = np.empty((B, self.n_codebooks, T), dtype=np.int64)
         length = np.empty(B, dtype=np.int64)
         for b in range(B):
             d = self.datasets[plan.dataset[b]]
@@ -1015,6 +1074,9 @@ class MixtureLoader:
             int16_to_float(audio, out=wav[b, : audio.size])
             frames = d.codes(i)[:, start // HOP_SAMPLES : start // HOP_SAMPLES + T]
             codes[b, :, : frames.shape[1]] = frames
+            if audio.size < L:  # only with short_items="pad"
+                wav[b, audio.size :] = 0.0
+                codes[b, :, frames.shape[1] :] = PAD_CODE
             length[b] = audio.size
         return {"wav": wav, "codes": codes, "culture": plan.culture, "length": length, "step": int(step)}
 
