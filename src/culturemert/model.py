@@ -278,9 +278,11 @@ class MertPretrainModel(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------------
     def _on_conv_features(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
-        self._features_pen = output.float().pow(2).mean()
+        # fairseq scales the gradient first and computes the penalty on the scaled tensor, so the
+        # penalty's gradient into the conv stack is scaled by feature_grad_mult too.
         if self._feature_grad_mult != 1.0 and torch.is_grad_enabled():
-            return _GradMultiply.apply(output, self._feature_grad_mult)
+            output = _GradMultiply.apply(output, self._feature_grad_mult)
+        self._features_pen = output.float().pow(2).mean()
         return output
 
     def forward(

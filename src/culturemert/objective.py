@@ -212,10 +212,12 @@ class MertObjective(nn.Module):
         num_label_frames: int,
         generator: torch.Generator | None,
         train: bool = True,
+        label_valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Draw the mixture and the mask for a batch. Returns ``(input_wav, mask [B, T] bool, mixed [B])``.
 
-        The mask covers the first ``min(T_conv, T_labels)`` frames; frames without a label are never masked.
+        The mask covers the first ``min(T_conv, T_labels)`` frames; frames without a label are never masked,
+        nor are frames where ``label_valid`` [B, T_labels] is False (padding codes of short items).
         """
         cfg = self.config
         if train and cfg.mixture_prob < 1.0:
@@ -234,6 +236,8 @@ class MertObjective(nn.Module):
         mask[:, :usable] = compute_mask_indices(
             (wav.shape[0], usable), cfg.mask_prob, cfg.mask_length, cfg.min_masks, cfg.require_same_masks, generator
         )
+        if label_valid is not None and not bool(label_valid.all()):
+            mask[:, :usable] &= label_valid[:, :usable].to(mask.device)
         return wav_in, mask, mixed
 
     def cqt_targets(self, clean_wav: torch.Tensor) -> torch.Tensor:
