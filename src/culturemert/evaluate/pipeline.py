@@ -1,0 +1,166 @@
+"""evaluate = embed (cached) + probe for every model x dataset, then the report.
+
+Output layout of ``evaluate(..., out_dir)``::
+
+    out_dir/cache/                       shared feature cache (all models, all datasets)
+    out_dir/features/<model>/<dataset>/  consolidated features (features.npy, chunk_track.npy, labels.npy, meta.json)
+    out_dir/runs/<model>/<dataset>/results.json
+    out_dir/report/                      report.md, CSV tables, PNG plots
+
+``evaluate_on_validation`` (used by ``merge --sweep``) embeds only the train and valid splits and trains the
+same probe grid, returning validation metrics of the validation-selected configuration; the test split is
+neither embedded nor scored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+from pydantic import Field
+
+from culturemert.config import StrictModel, load_config
+from culturemert.evaluate.embed import EmbedSettings, build_extractor, embed_dataset, load_probe_data
+from culturemert.evaluate.probe import ProbeSettings, run_probe
+from culturemert.evaluate.report import load_runs, write_json_atomic, write_report
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EvalConfig", "evaluate", "evaluate_on_validation", "model_tag"]
+
+
+def _dataset_config_type():
+    from culturemert.evaluate.datasets import DatasetConfig
+
+    return DatasetConfig
+
+
+class EvalConfig(StrictModel):
+    """``--datasets CONFIG`` of ``culturemert evaluate`` (and the eval config of ``merge --sweep``)."""
+
+    datasets: list[Any] = Field(min_length=1)  # DatasetConfig entries (validated in model_post_init)
+    embed: EmbedSettings = Field(default_factory=EmbedSettings)
+    probe: ProbeSettings = Field(default_factory=ProbeSettings)
+    cache_dir: Path | None = None  # default: <out>/cache
+
+    def model_post_init(self, __context: Any) -> None:
+        cls = _dataset_config_type()
+        self.__dict__["datasets"] = [d if isinstance(d, cls) else cls.model_validate(d) for d in self.datasets]
+
+
+def _load_eval_config(config: EvalConfig | str | Path) -> tuple[EvalConfig, Path | None]:
+    if isinstance(config, EvalConfig):
+        return config, None
+    return load_config(config, EvalConfig), Path(config).resolve().parent
+
+
+def model_tag(model: str) -> str:
+    """A folder-safe label for a model source (``baseline:logmel`` -> ``baseline-logmel``)."""
+    name = Path(model.rstrip("/")).name if not model.startswith(("baseline:", "preset:")) else model
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
+
+
+def _load_datasets(config: EvalConfig, base_dir: Path | None) -> list[Any]:
+    from culturemert.evaluate.datasets import load_dataset_from_config
+
+    return [load_dataset_from_config(d, base_dir) for d in config.datasets]
+
+
+def _probe_is_current(path: Path, meta: dict[str, Any], settings: ProbeSettings, with_test: bool) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (
+        old.get("features_cache_key") == meta.get("cache_key")
+        and old.get("features_created") == meta.get("created")
+        and old.get("settings") == settings.model_dump(mode="json")
+        and ("test" in old.get("num_tracks", {})) == with_test
+    )
+
+
+def _embed_and_probe(
+    model: str, datasets: list[Any], config: EvalConfig, out_dir: Path, *, validation_only: bool, progress: bool
+) -> list[tuple[Path, dict[str, Any]]]:
+    tag = model_tag(model)
+    cache = config.cache_dir or out_dir / "cache"
+    extractor = build_extractor(model, config.embed, name=model if model.startswith("baseline:") else tag)
+    splits = ("train", "valid") if validation_only else None
+    sub = "features_valid" if validation_only else "features"
+    results = []
+    for dataset in datasets:
+        features_dir = out_dir / sub / tag / dataset.name
+        _, report = embed_dataset(extractor, dataset, features_dir, config.embed, cache_root=cache, splits=splits, progress=progress)
+        log.info("%s / %s: %d tracks embedded (%d computed, %d cached, %d errors)", tag, dataset.name,
+                 len(report.keys), report.computed, report.cached, len(report.errors))
+        data, meta = load_probe_data(features_dir, require_test=not validation_only,
+                                     splits=("train", "valid") if validation_only else ("train", "valid", "test"))
+        run_dir = out_dir / ("runs_valid" if validation_only else "runs") / tag / dataset.name
+        path = run_dir / "results.json"
+        if _probe_is_current(path, meta, config.probe, not validation_only):
+            results.append((path, json.loads(path.read_text(encoding="utf-8"))))
+            continue
+        context = {
+            "model": tag if not model.startswith("baseline:") else model,
+            "model_source": model,
+            "model_fingerprint": extractor.fingerprint,
+            "dataset": dataset.name,
+            "features": str(features_dir),
+            "features_cache_key": meta.get("cache_key"),
+            "features_created": meta.get("created"),
+            "embed_errors": report.errors,
+        }
+        res = run_probe(data, config.probe, progress=progress, evaluate_test=not validation_only, context=context)
+        write_json_atomic(path, res)
+        results.append((path, res))
+    return results
+
+
+def evaluate(
+    models: Sequence[str],
+    eval_config: EvalConfig | str | Path,
+    out_dir: str | Path,
+    *,
+    base: str | None = None,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Embed + probe every model on every dataset, then write the report; returns the report's files."""
+    config, base_dir = _load_eval_config(eval_config)
+    out = Path(out_dir)
+    datasets = _load_datasets(config, base_dir)
+    paths = []
+    for model in models:
+        paths += [p for p, _ in _embed_and_probe(model, datasets, config, out, validation_only=False, progress=progress)]
+    runs = load_runs(paths)
+    base_name = None
+    if base is not None:
+        base_name = base if base.startswith("baseline:") else model_tag(base)
+    return write_report(runs, out / "report", base=base_name)
+
+
+def evaluate_on_validation(
+    model_dir: str | Path,
+    eval_config: EvalConfig | str | Path,
+    *,
+    out_dir: str | Path | None = None,
+    progress: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Validation metrics (seed means, validation-selected layer/lr) per dataset: ``{dataset: {metric: value}}``.
+
+    Only the train and valid splits are embedded and scored. ``out_dir`` holds the cache and results
+    (default: ``<model_dir>.eval_valid`` beside the model, never inside it), so repeated sweeps reuse the cached features.
+    """
+    config, base_dir = _load_eval_config(eval_config)
+    model_path = Path(model_dir)
+    out = Path(out_dir) if out_dir is not None else model_path.parent / f"{model_tag(str(model_dir))}.eval_valid"
+    datasets = _load_datasets(config, base_dir)
+    results = _embed_and_probe(str(model_dir), datasets, config, out, validation_only=True, progress=progress)
+    return {
+        res["dataset"]: {m: float(v["mean"]) for m, v in res["summary"]["selected"]["valid"].items()}
+        for _, res in results
+    }

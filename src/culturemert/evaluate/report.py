@@ -1,0 +1,326 @@
+"""Reports from probe results: paper-layout tables (Markdown + CSV), layer-wise curves, transfer matrix.
+
+Inputs are ``results.json`` files written by ``culturemert probe`` / ``evaluate`` (one per model x dataset).
+Every cell is the test metric of the validation-selected configuration, mean ± std over seeds, in percent
+(as in the paper). The transfer matrix shows, for each model and dataset, the difference to a named base
+model; its spread is sqrt(std_model² + std_base²), the std of a difference of independent seed means' runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from culturemert.errors import DataError
+
+__all__ = ["write_json_atomic", "load_runs", "write_report", "PAPER_DATASET_ORDER"]
+
+#: Column order of the paper's tables; other datasets follow in order of appearance.
+PAPER_DATASET_ORDER = ("makam", "hindustani", "carnatic", "lyra", "fma", "magnatagatune")
+_DATASET_TITLES = {
+    "makam": "Turkish-makam", "hindustani": "Hindustani", "carnatic": "Carnatic", "lyra": "Lyra",
+    "fma": "FMA-medium", "magnatagatune": "MTAT",
+}
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """JSON to ``path`` via temp file + fsync + rename (never a partial file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1, ensure_ascii=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_runs(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """Probe results from files or folders (folders are searched recursively for ``results.json``)."""
+    runs = []
+    for p in paths:
+        p = Path(p)
+        files = sorted(p.rglob("results.json")) if p.is_dir() else [p]
+        if not files:
+            raise DataError(f"{p}: no results.json found")
+        for f in files:
+            if not f.is_file():
+                raise DataError(f"{f}: results file not found")
+            try:
+                run = json.loads(f.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{f}: not valid JSON ({exc})") from None
+            if "summary" not in run or "model" not in run or "dataset" not in run:
+                raise DataError(f"{f}: not a probe results file (needs model, dataset, summary)")
+            run["_path"] = str(f)
+            runs.append(run)
+    return runs
+
+
+def _ordered(values: Iterable[str], preferred: Sequence[str] = ()) -> list[str]:
+    seen: list[str] = []
+    for v in values:
+        if v not in seen:
+            seen.append(v)
+    first = [v for v in preferred if v in seen]
+    return first + [v for v in seen if v not in first]
+
+
+def _cell(run: dict[str, Any] | None, metric: str, split: str = "test") -> tuple[float, float] | None:
+    if run is None:
+        return None
+    stats = run["summary"]["selected"].get(split)
+    if not stats:
+        return None
+    return 100.0 * stats[metric]["mean"], 100.0 * stats[metric]["std"]
+
+
+def _fmt(cell: tuple[float, float] | None) -> str:
+    return "–" if cell is None else f"{cell[0]:.1f} ± {cell[1]:.1f}"
+
+
+def _table(
+    models: list[str], datasets: list[str], index: dict[tuple[str, str], dict[str, Any]], metrics: tuple[str, str], split: str
+) -> tuple[list[list[str]], list[list[Any]]]:
+    """(markdown rows, csv rows) with one 'a / b' cell per dataset and the plain average of all numbers."""
+    md_rows, csv_rows = [], []
+    for model in models:
+        md, row = [model], [model]
+        numbers: list[float] = []
+        for ds in datasets:
+            cells = [_cell(index.get((model, ds)), m, split) for m in metrics]
+            md.append(" / ".join(_fmt(c) for c in cells))
+            for c in cells:
+                row += [None, None] if c is None else [round(c[0], 4), round(c[1], 4)]
+                if c is not None:
+                    numbers.append(c[0])
+        complete = len(numbers) == len(datasets) * len(metrics)
+        avg = sum(numbers) / len(numbers) if complete and numbers else None
+        md.append("–" if avg is None else f"{avg:.1f}")
+        row.append(None if avg is None else round(avg, 4))
+        md_rows.append(md)
+        csv_rows.append(row)
+    return md_rows, csv_rows
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    for r in rows:
+        writer.writerow(["" if v is None else v for v in r])
+    _write_text_atomic(path, buf.getvalue())
+
+
+def _layer_key(layer: str) -> float:
+    return math.inf if layer == "weighted" else float(layer)
+
+
+def _plot_layers(path: Path, dataset: str, runs: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=False)
+    for ax, split in zip(axes, ("valid", "test")):
+        for run in runs:
+            layers = sorted((k for k in run["summary"]["layers"] if k != "weighted"), key=_layer_key)
+            infos = [run["summary"]["layers"][k] for k in layers]
+            if not layers or split not in infos[0]:
+                continue
+            xs = [int(k) for k in layers]
+            mean = [100 * i[split]["roc_auc"]["mean"] for i in infos]
+            std = [100 * i[split]["roc_auc"]["std"] for i in infos]
+            line = ax.plot(xs, mean, marker="o", ms=3, label=run["model"])[0]
+            ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=line.get_color(), alpha=0.2)
+            weighted = run["summary"]["layers"].get("weighted")
+            if weighted and split in weighted:
+                ax.axhline(100 * weighted[split]["roc_auc"]["mean"], color=line.get_color(), ls="--", lw=1)
+        ax.set_title(f"{_DATASET_TITLES.get(dataset, dataset)} — {split} ROC-AUC (best lr per layer)")
+        ax.set_xlabel("hidden state (0 = conv features)")
+        ax.set_ylabel("ROC-AUC (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, title="dashed: weighted sum", title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_transfer(path: Path, models: list[str], datasets: list[str], delta, spread, metric: str, base: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    values = np.array([[np.nan if d is None else d for d in row] for row in delta], dtype=float)
+    finite = values[np.isfinite(values)]
+    limit = max(1e-6, float(np.abs(finite).max())) if finite.size else 1.0
+    fig, ax = plt.subplots(figsize=(1.6 * len(datasets) + 2.5, 0.7 * len(models) + 1.8))
+    image = ax.imshow(values, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
+    for i in range(len(models)):
+        for j in range(len(datasets)):
+            if delta[i][j] is None:
+                ax.text(j, i, "–", ha="center", va="center", fontsize=8)
+            else:
+                ax.text(j, i, f"{delta[i][j]:+.1f}\n±{spread[i][j]:.1f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(datasets)), [_DATASET_TITLES.get(d, d) for d in datasets], rotation=30, ha="right")
+    ax.set_yticks(range(len(models)), models)
+    ax.set_title(f"Δ test {metric} (points) vs {base}; ± = seed spread")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(
+    runs: list[dict[str, Any]],
+    out_dir: str | Path,
+    *,
+    base: str | None = None,
+    transfer_metrics: Sequence[str] = ("roc_auc", "ap"),
+) -> dict[str, Path]:
+    """Write report.md, roc_auc_ap.csv, f1.csv, layers.csv, layers_<dataset>.png, transfer.csv and
+    transfer_<metric>.png into ``out_dir``; returns the written paths by name."""
+    if not runs:
+        raise DataError("no probe results to report")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    models = _ordered(r["model"] for r in runs)
+    datasets = _ordered((r["dataset"] for r in runs), PAPER_DATASET_ORDER)
+    index = {(r["model"], r["dataset"]): r for r in runs}  # a later run of the same pair wins
+    written: dict[str, Path] = {}
+    titles = [_DATASET_TITLES.get(d, d) for d in datasets]
+    split = "test" if all("test" in r["summary"]["selected"] for r in runs) else "valid"
+
+    md_main, csv_main = _table(models, datasets, index, ("roc_auc", "ap"), split)
+    header_csv = ["model"] + [f"{d}_{m}_{s}" for d in datasets for m in ("roc_auc", "ap") for s in ("mean", "std")] + ["avg"]
+    _write_csv(out / "roc_auc_ap.csv", header_csv, csv_main)
+    written["roc_auc_ap.csv"] = out / "roc_auc_ap.csv"
+    md_f1, csv_f1 = _table(models, datasets, index, ("micro_f1", "macro_f1"), split)
+    header_f1 = ["model"] + [f"{d}_{m}_{s}" for d in datasets for m in ("micro_f1", "macro_f1") for s in ("mean", "std")] + ["avg"]
+    _write_csv(out / "f1.csv", header_f1, csv_f1)
+    written["f1.csv"] = out / "f1.csv"
+
+    # layer-wise curves
+    layer_rows = []
+    for ds in datasets:
+        ds_runs = [index[(m, ds)] for m in models if (m, ds) in index]
+        for run in ds_runs:
+            for layer, info in sorted(run["summary"]["layers"].items(), key=lambda kv: _layer_key(kv[0])):
+                row = [run["model"], ds, layer, info["lr"]]
+                for sp in ("valid", "test"):
+                    for m in ("roc_auc", "ap"):
+                        stats = info.get(sp, {}).get(m)
+                        row += [None, None] if stats is None else [stats["mean"], stats["std"]]
+                layer_rows.append(row)
+        png = out / f"layers_{ds}.png"
+        _plot_layers(png, ds, ds_runs)
+        written[png.name] = png
+    _write_csv(out / "layers.csv", ["model", "dataset", "layer", "lr", "valid_roc_auc_mean", "valid_roc_auc_std",
+                                    "valid_ap_mean", "valid_ap_std", "test_roc_auc_mean", "test_roc_auc_std",
+                                    "test_ap_mean", "test_ap_std"], layer_rows)
+    written["layers.csv"] = out / "layers.csv"
+
+    # transfer matrix vs base
+    base = base or models[0]
+    if base not in models:
+        raise DataError(f"base model {base!r} has no results (models: {', '.join(models)})")
+    transfer_rows = []
+    transfer_md = []
+    for metric in transfer_metrics:
+        delta, spread = [], []
+        for m in models:
+            drow, srow = [], []
+            for ds in datasets:
+                a, b = _cell(index.get((m, ds)), metric, split), _cell(index.get((base, ds)), metric, split)
+                if a is None or b is None:
+                    drow.append(None)
+                    srow.append(None)
+                    continue
+                drow.append(a[0] - b[0])
+                srow.append(math.sqrt(a[1] ** 2 + b[1] ** 2))
+                transfer_rows.append([m, ds, metric, base, round(a[0] - b[0], 4), round(srow[-1], 4)])
+            delta.append(drow)
+            spread.append(srow)
+        png = out / f"transfer_{metric}.png"
+        _plot_transfer(png, models, datasets, delta, spread, metric, base)
+        written[png.name] = png
+        rows = [[m] + ["–" if d is None else f"{d:+.1f} ± {s:.1f}" for d, s in zip(dr, sr)] for m, dr, sr in zip(models, delta, spread)]
+        transfer_md.append(f"### Δ {metric} vs {base}\n\n" + _markdown(["model"] + titles, rows) + f"\n\n![]({png.name})\n")
+    _write_csv(out / "transfer.csv", ["model", "dataset", "metric", "base", "delta", "spread"], transfer_rows)
+    written["transfer.csv"] = out / "transfer.csv"
+
+    excluded_lines = []
+    for r in runs:
+        for sp, tags in r.get("excluded_tags", {}).items():
+            if tags:
+                excluded_lines.append(f"- {r['model']} / {r['dataset']} / {sp}: {', '.join(tags)}")
+    selected_lines = [
+        f"- {r['model']} / {r['dataset']}: layer {r['summary']['selected']['layer']}, lr {r['summary']['selected']['lr']:g}"
+        for r in runs
+    ]
+    text = [
+        "# Probe results",
+        "",
+        f"Cells: {split} metric (%) of the validation-selected layer and learning rate, mean ± std over seeds. "
+        "Avg. = plain mean of all numbers in the row (as in the paper).",
+        "",
+        "## ROC-AUC / AP",
+        "",
+        _markdown(["model"] + titles + ["Avg."], md_main),
+        "",
+        "## micro-F1 / macro-F1 (threshold 0.5)",
+        "",
+        _markdown(["model"] + titles + ["Avg."], md_f1),
+        "",
+        "## Cross-cultural transfer",
+        "",
+        *transfer_md,
+        "## Layer-wise curves",
+        "",
+        *[f"![]({f'layers_{ds}.png'})" for ds in datasets],
+        "",
+        "## Selected configurations (validation)",
+        "",
+        *selected_lines,
+        "",
+        "## Tags excluded from macro averages (no positive or no negative example in the split)",
+        "",
+        *(excluded_lines or ["- none"]),
+        "",
+    ]
+    _write_text_atomic(out / "report.md", "\n".join(text))
+    written["report.md"] = out / "report.md"
+    return written
