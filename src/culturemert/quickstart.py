@@ -1,0 +1,412 @@
+"""The offline quickstart: the whole CultureMERT workflow on the embedded corpus, on a laptop CPU.
+
+Every step calls the same public API (and the same recipe format) that real use does:
+
+1. ``corpus``   -- render the music21 corpus (+ SymbTr makam when given) to 24 kHz audio with tags and splits;
+2. ``prepare``  -- one prepared directory per culture; k-means teacher (the base's, when a base is shipped);
+3. ``base``     -- the shipped base (pre-trained from scratch on the Western part with
+                   ``recipes/quickstart/base.yaml``) or, with ``retrain_base``, that recipe run now;
+4. ``cpt``      -- two-stage continual pre-training on the new traditions with 20 % Western replay in stage 1;
+5. ``control``  -- the same stages, steps and learning rates on Western music only (equal compute);
+6. ``single``   -- one single-culture CPT per new tradition (steps split so that together they cost one CPT);
+7. ``merge``    -- task arithmetic of the single-culture models on the base, λ chosen on validation only;
+8. ``evaluate`` -- held-out masked-prediction loss per culture, then MARBLE-protocol probing (5 seeds) of base,
+                   control, CPT, merged model and a log-mel-statistics baseline on the corpus' tagging tasks;
+9. ``report``   -- the paper-style table with seed spreads, plots, and ``quickstart.md``.
+
+What the quickstart can and cannot show is documented in README.md ("What the quickstart shows").
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import shutil
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from culturemert.config import StrictModel
+from culturemert.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["QuickstartConfig", "run_quickstart", "heldout_masked_loss", "build_tasks", "SHIPPED_BASE"]
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+SHIPPED_BASE = PACKAGE_DIR / "assets" / "quickstart"
+RECIPES_DIR = PACKAGE_DIR.parents[1] / "recipes" / "quickstart"
+
+# Tag families probed per culture (the corpus also has subregion tags, too sparse at this size).
+_TASK_PREFIXES = {
+    "chinese": ("region", "mode"),
+    "german": ("region", "meter", "mode"),
+    "irish": ("tune_type", "meter", "mode"),
+    "scottish": ("meter", "mode"),
+    "turkish": ("makam", "usul", "form"),
+}
+
+
+class QuickstartConfig(StrictModel):
+    """Every knob of the quickstart (defaults: what ``make quickstart`` runs)."""
+
+    seed: int = 0
+    base_culture: str = "german"
+    cultures: list[str] = Field(default_factory=lambda: ["chinese", "german", "irish"])
+    pieces_per_culture: dict[str, int] = Field(
+        default_factory=lambda: {"chinese": 300, "german": 600, "irish": 300, "turkish": 300}
+    )
+    duration_s: float = Field(20.0, gt=0)
+    symbtr: Path | None = None  # adds Turkish makam as a new tradition (SymbTr txt folder or archive)
+    kmeans_clusters: int = Field(128, ge=2)
+    kmeans_fit_seconds: float = Field(1800.0, gt=0)
+    retrain_base: bool = False
+    base_steps: int | None = Field(None, ge=1)  # override base.yaml's steps when retraining
+    cpt_steps_scale: float = Field(1.0, gt=0)  # scales every CPT/control/single stage's steps (smoke runs)
+    merge_lambdas: list[float] = Field(default_factory=lambda: [0.5, 1.0], min_length=1)
+    probe_seeds: int = Field(5, ge=1)
+    probe_max_epochs: int = Field(100, ge=1)
+    task_top_n: int = Field(12, ge=2)
+    heldout_batches: int = Field(6, ge=1)
+    embed_window_s: float = Field(5.0, gt=0)
+    # Probe on the first 5 s of each piece (one window), as feasibility.md did: it keeps the evaluation of five
+    # models inside the CPU budget; the rendered pieces loop their tune, so 5 s already hold several bars.
+    embed_max_seconds: float | None = Field(5.0, gt=0)
+    workers: int = Field(2, ge=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# corpus -> manifests and tasks
+# ----------------------------------------------------------------------------------------------------------
+def _read_corpus(csv_path: Path) -> list[dict[str, str]]:
+    with csv_path.open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def write_manifests(corpus_csv: Path, out_dir: Path) -> dict[str, Path]:
+    """One prepare manifest per culture (all splits; the loader and k-means fitting read only 'train')."""
+    rows = _read_corpus(corpus_csv)
+    by_culture: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for r in rows:
+        by_culture[r["culture"]].append(r)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for culture, items in sorted(by_culture.items()):
+        path = out_dir / f"manifest-{culture}.csv"
+        with path.open("w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(["path", "culture", "split"])
+            for r in items:
+                w.writerow([str((corpus_csv.parent / r["path"]).resolve()), culture, r["split"]])
+        paths[culture] = path
+    return paths
+
+
+def build_tasks(corpus_csv: Path, out_dir: Path, top_n: int = 12) -> list[dict[str, Any]]:
+    """Tagging tasks as generic CSVs: ``culture`` over all pieces, and one per culture over its own tag families.
+
+    Within a culture task the vocabulary is the ``top_n`` most frequent tags of the chosen families on the train
+    split (the same rule as the paper's datasets); tags with no positive test example are reported by the probe.
+    """
+    rows = _read_corpus(corpus_csv)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tasks: list[dict[str, Any]] = []
+
+    def write(name: str, items: list[tuple[str, str, list[str]]], vocabulary: list[str]) -> None:
+        path = out_dir / f"{name}.csv"
+        with path.open("w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(["path", "split", "tags"])
+            for audio, split, tags in items:
+                w.writerow([audio, split, "|".join(t for t in tags if t in vocabulary)])
+        tasks.append({"kind": "csv", "name": name, "paths": {"path": str(path)}, "options": {"vocabulary": vocabulary}})
+
+    def abs_path(r: dict[str, str]) -> str:
+        return str((corpus_csv.parent / r["path"]).resolve())
+
+    cultures = sorted({r["culture"] for r in rows})
+    write("culture", [(abs_path(r), r["split"], [f"culture--{r['culture']}"]) for r in rows],
+          [f"culture--{c}" for c in cultures])
+    for culture in cultures:
+        prefixes = _TASK_PREFIXES.get(culture, ("mode", "meter"))
+        items = []
+        for r in rows:
+            if r["culture"] != culture:
+                continue
+            tags = [t for t in r["tags"].split("|") if t.split("--", 1)[0] in prefixes]
+            items.append((abs_path(r), r["split"], tags))
+        counts = Counter(t for _, split, tags in items if split == "train" for t in tags)
+        # at least 3 training and 1 test positive, so every tag can be learned and scored
+        test_counts = Counter(t for _, split, tags in items if split == "test" for t in tags)
+        eligible = [t for t in counts if counts[t] >= 3 and test_counts[t] >= 1]
+        vocabulary = sorted(eligible, key=lambda t: (-counts[t], t))[:top_n]
+        if len(vocabulary) >= 2:
+            write(culture, items, vocabulary)
+    return tasks
+
+
+# ----------------------------------------------------------------------------------------------------------
+# held-out masked-prediction loss
+# ----------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def heldout_masked_loss(
+    model_source: str | Path,
+    prepared: dict[str, Path],
+    *,
+    split: str = "valid",
+    batches: int = 6,
+    batch_size: int = 8,
+    crop_seconds: float = 5.0,
+    seed: int = 12345,
+) -> dict[str, dict[str, float]]:
+    """Masked-token cross-entropy and accuracy per culture on held-out crops (same crops and masks for every model).
+
+    This is the SSL-side signal that feasibility.md found CPT to move at toy scale: it says whether a model
+    adapted its pre-training objective to a culture's music, independently of any probe.
+    """
+    from culturemert.checkpoint import load_model
+    from culturemert.data import MixtureLoader, MixtureSpec
+    from culturemert.objective import MertObjective, ObjectiveConfig
+    from culturemert.teachers import MertCQT
+
+    model = load_model(model_source).eval()
+    if model.heads is None:
+        raise DataError(f"{model_source}: no pre-training heads, cannot compute the masked-prediction loss")
+    objective = MertObjective(ObjectiveConfig(), MertCQT())
+    crop = int(round(crop_seconds * 24000 / 320)) * 320
+    results: dict[str, dict[str, float]] = {}
+    for culture, directory in prepared.items():
+        loader = MixtureLoader([directory], MixtureSpec(sources={culture: 1.0}), batch_size=batch_size,
+                               crop_samples=crop, seed=seed, split=split)
+        ce, acc, n = 0.0, 0.0, 0
+        for k in range(batches):
+            batch = loader.batch(k)
+            gen = torch.Generator().manual_seed(seed + k)
+            out = objective.loss(model, torch.as_tensor(batch["wav"]), torch.as_tensor(batch["codes"]), gen, train=False)
+            ces = [v for name, v in out.parts.items() if name.startswith("ce_")]
+            accs = [v for name, v in out.parts.items() if name.startswith("acc_")]
+            ce += float(sum(ces)) / max(len(ces), 1)
+            acc += float(sum(accs)) / max(len(accs), 1)
+            n += 1
+        results[culture] = {"masked_ce": ce / n, "masked_acc": acc / n}
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# orchestration
+# ----------------------------------------------------------------------------------------------------------
+def _recipe(name: str) -> Path:
+    path = RECIPES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"quickstart recipe not found: {path} (run the quickstart from a clone of the repository)")
+    return path
+
+
+def _train(recipe_name: str, out: Path, overrides: list[str], steps_scale: float = 1.0) -> Path:
+    from culturemert.train import Trainer, load_recipe
+
+    recipe = load_recipe(_recipe(recipe_name), overrides)
+    if steps_scale != 1.0:
+        for stage in recipe.stages:
+            stage.steps = max(1, int(round(stage.steps * steps_scale)))
+            if stage.lr.warmup_steps >= stage.steps:
+                stage.lr.warmup_steps = max(0, stage.steps // 10)
+    final = Trainer(recipe, out, resume="auto").run()
+    if final is None:
+        raise DataError(f"training {recipe_name} into {out} produced no export")
+    return Path(final)
+
+
+def _copy_export(src: Path, dst: Path) -> Path:
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _fmt(mean: float, std: float | None) -> str:
+    if std is None or not math.isfinite(std):
+        return f"{100 * mean:.1f}"
+    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def run_quickstart(config: QuickstartConfig, out_dir: str | Path, progress: bool = True) -> Path:
+    """Run everything into ``out_dir`` (resumable: finished steps are skipped on a re-run); returns the report."""
+    from culturemert.corpus import CorpusConfig, build_corpus
+    from culturemert.data import prepare
+    from culturemert.evaluate.pipeline import EvalConfig, evaluate
+    from culturemert.evaluate.embed import EmbedSettings
+    from culturemert.evaluate.probe import ProbeSettings
+    from culturemert.merge import MergeOptions, sweep_merge
+    from culturemert.teachers import KMeansTeacher, build_teacher
+
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+
+    def lap(name: str, t0: float) -> None:
+        timings[name] = time.perf_counter() - t0
+        log.info("quickstart: %s done in %.1f s", name, timings[name])
+
+    # 1. corpus ---------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    cultures = list(config.cultures) + (["turkish"] if config.symbtr and "turkish" not in config.cultures else [])
+    if config.base_culture not in cultures:
+        raise ConfigError(f"base_culture {config.base_culture!r} is not among the cultures {cultures}")
+    corpus_cfg = CorpusConfig(
+        cultures=cultures,
+        pieces_per_culture={c: config.pieces_per_culture.get(c, 300) for c in cultures},
+        duration_s=config.duration_s,
+        seed=config.seed,
+        symbtr=config.symbtr,
+        workers=config.workers,
+    )
+    summary = build_corpus(corpus_cfg, out / "corpus", progress=progress)
+    corpus_csv = Path(summary.csv_path)
+    new_cultures = [c for c in cultures if c != config.base_culture]
+    lap("corpus", t0)
+
+    # 2. prepare --------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    manifests = write_manifests(corpus_csv, out / "manifests")
+    shipped = (SHIPPED_BASE / "base" / "culturemert.json").is_file() and not config.retrain_base
+    teacher_file = SHIPPED_BASE / "teacher" / "kmeans.safetensors"
+    prepared: dict[str, Path] = {}
+    base_dir = out / "prepared" / config.base_culture
+    if shipped and teacher_file.is_file():
+        teacher = KMeansTeacher.load(teacher_file)
+    else:
+        teacher = build_teacher("kmeans", codebook_size=config.kmeans_clusters, seed=config.seed)
+    prepare(manifests[config.base_culture], base_dir, teacher, workers=config.workers, seed=config.seed,
+            kmeans_fit_seconds=config.kmeans_fit_seconds, progress=progress)
+    prepared[config.base_culture] = base_dir
+    fitted = KMeansTeacher.load(base_dir / "teacher" / "kmeans.safetensors") if not teacher.is_fitted else teacher
+    for culture in new_cultures:
+        prepare(manifests[culture], out / "prepared" / culture, fitted, workers=config.workers, seed=config.seed,
+                progress=progress)
+        prepared[culture] = out / "prepared" / culture
+    lap("prepare", t0)
+
+    # 3. base -----------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    models = out / "models"
+    models.mkdir(exist_ok=True)
+    base_model = models / "base"
+    if not (base_model / "culturemert.json").is_file():
+        if shipped:
+            _copy_export(SHIPPED_BASE / "base", base_model)
+        else:
+            overrides = [f"data.dirs=[{base_dir}]", f"seed={config.seed}"]
+            if config.base_steps:
+                overrides.append(f"stages.0.steps={config.base_steps}")
+            _copy_export(_train("base", out / "runs" / "base", overrides), base_model)
+    lap("base", t0)
+
+    # 4-6. CPT, control, single-culture ----------------------------------------------------------------
+    t0 = time.perf_counter()
+    replay = config.base_culture
+    sources = "{" + ", ".join(f"{c}: 1" for c in new_cultures) + "}"
+    common = [f"base.source={base_model}", f"seed={config.seed}"]
+    all_dirs = "[" + ", ".join(str(prepared[c]) for c in [*new_cultures, replay]) + "]"
+    runs: dict[str, Path] = {}
+    if not (models / "cpt" / "culturemert.json").is_file():
+        final = _train("cpt", out / "runs" / "cpt", common + [
+            f"data.dirs={all_dirs}",
+            f"stages.0.mixture={{sources: {sources}, replay: {{{replay}: 0.2}}}}",
+            f"stages.1.mixture={{sources: {sources}}}",
+        ], config.cpt_steps_scale)
+        _copy_export(final, models / "cpt")
+    runs["cpt"] = models / "cpt"
+    if not (models / "control" / "culturemert.json").is_file():
+        final = _train("control", out / "runs" / "control", common + [
+            f"data.dirs=[{prepared[replay]}]",
+            f"stages.0.mixture={{sources: {{{replay}: 1}}}}",
+            f"stages.1.mixture={{sources: {{{replay}: 1}}}}",
+        ], config.cpt_steps_scale)
+        _copy_export(final, models / "control")
+    runs["control"] = models / "control"
+    lap("cpt+control", t0)
+    t0 = time.perf_counter()
+    singles: list[Path] = []
+    # single-culture.yaml is written for two traditions; rescale so the singles together cost one CPT
+    single_scale = config.cpt_steps_scale * 2.0 / max(len(new_cultures), 1)
+    for culture in new_cultures:
+        target = models / f"single-{culture}"
+        if not (target / "culturemert.json").is_file():
+            final = _train("single-culture", out / "runs" / f"single-{culture}", common + [
+                f"data.dirs=[{prepared[culture]}, {prepared[replay]}]",
+                f"stages.0.mixture={{sources: {{{culture}: 1}}, replay: {{{replay}: 0.2}}}}",
+                f"stages.1.mixture={{sources: {{{culture}: 1}}}}",
+            ], single_scale)
+            _copy_export(final, target)
+        singles.append(target)
+    lap("single-culture", t0)
+
+    # 7-8. tasks, merge (λ on validation), evaluation ---------------------------------------------------
+    t0 = time.perf_counter()
+    tasks = build_tasks(corpus_csv, out / "tasks", top_n=config.task_top_n)
+    eval_cfg = EvalConfig(
+        datasets=tasks,
+        embed=EmbedSettings(window=config.embed_window_s, max_seconds=config.embed_max_seconds),
+        probe=ProbeSettings(seeds=config.probe_seeds, max_epochs=config.probe_max_epochs),
+        cache_dir=out / "eval" / "cache",
+    )
+    merged = models / "merged-ta"
+    if not (merged / "culturemert.json").is_file():
+        sweep = sweep_merge(base_model, singles, config.merge_lambdas, out / "merge-sweep", eval_cfg,
+                            MergeOptions(method="task_arithmetic"), metric="roc_auc")
+        _copy_export(Path(sweep.out_dir) / "selected", merged)
+    lap("merge", t0)
+
+    t0 = time.perf_counter()
+    heldout = {}
+    for name, path in [("base", base_model), ("control", runs["control"]), ("cpt", runs["cpt"]), ("merged-ta", merged)]:
+        heldout[name] = heldout_masked_loss(path, prepared, batches=config.heldout_batches, seed=config.seed + 12345)
+    (out / "heldout_loss.json").write_text(json.dumps(heldout, indent=2))
+    lap("heldout-loss", t0)
+
+    t0 = time.perf_counter()
+    model_list = ["baseline:logmel", str(base_model), str(runs["control"]), str(runs["cpt"]), str(merged)]
+    evaluate(model_list, eval_cfg, out / "eval", base=str(base_model), progress=progress)
+    lap("evaluate", t0)
+
+    timings["total"] = time.perf_counter() - started
+    report = write_quickstart_report(out, heldout, timings, config, summary.synthesizer, new_cultures)
+    print(report.read_text(encoding="utf-8"))
+    return report
+
+
+def write_quickstart_report(out: Path, heldout: dict, timings: dict, config: QuickstartConfig, synthesizer: str,
+                            new_cultures: list[str]) -> Path:
+    lines = [
+        "# culturemert quickstart",
+        "",
+        f"Corpus: {', '.join(sorted({*new_cultures, config.base_culture}))} ({synthesizer}); base culture "
+        f"(Western, pre-training + replay): **{config.base_culture}**; new traditions: **{', '.join(new_cultures)}**.",
+        "",
+        "## Held-out masked-prediction loss per culture (lower is better; valid-split crops, same masks for all)",
+        "",
+        "| model | " + " | ".join(heldout[next(iter(heldout))].keys()) + " |",
+        "|---|" + "---|" * len(heldout[next(iter(heldout))]),
+    ]
+    for name, per in heldout.items():
+        lines.append(f"| {name} | " + " | ".join(f"{v['masked_ce']:.3f} ({100 * v['masked_acc']:.1f} %)" for v in per.values()) + " |")
+    report_md = out / "eval" / "report" / "report.md"
+    lines += ["", "## Probing (test split; ROC-AUC / AP in %, mean ± std over probe seeds)", ""]
+    if report_md.is_file():
+        lines.append(report_md.read_text(encoding="utf-8"))
+    lines += ["", "## Wall time", "", *(f"- {k}: {v:.0f} s" for k, v in timings.items()), ""]
+    path = out / "quickstart.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    (out / "quickstart.json").write_text(json.dumps({"heldout": heldout, "timings": timings,
+                                                     "config": json.loads(config.model_dump_json())}, indent=2))
+    return path
