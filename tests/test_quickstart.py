@@ -22,6 +22,7 @@ SMOKE = {
     "merge_lambdas": [0.5, 1.0],
     "probe_seeds": 2,
     "probe_max_epochs": 3,
+    "probe_hidden": 16,
     "heldout_batches": 1,
     "task_top_n": 4,
 }
