@@ -63,6 +63,28 @@ _MERT_CONV = dict(
     num_conv_pos_embedding_groups=16,
 )
 
+def _compact_backbone(conv: int, hidden: int, layers: int, heads: int, ffn: int, pos: int, pos_groups: int) -> dict:
+    """MERT-95M's layout scaled down (no dropout, no layerdrop) for CPU-sized models."""
+    return dict(
+        **{**_MERT_CONV, "conv_dim": [conv] * 7, "num_conv_pos_embeddings": pos, "num_conv_pos_embedding_groups": pos_groups},
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=ffn,
+        hidden_act="gelu",
+        do_stable_layer_norm=False,
+        feat_proj_layer_norm=True,
+        feat_proj_dropout=0.0,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        layerdrop=0.0,
+        layer_norm_eps=1e-5,
+        mask_time_prob=0.05,
+        mask_time_length=10,
+    )
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "mert-v1-95m": dict(
         backbone=dict(
@@ -108,60 +130,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # ~2 M parameters: the quickstart's model; same conv geometry (320x, 75 Hz at 24 kHz).
     "small": dict(
-        backbone=dict(
-            conv_dim=[64] * 7,
-            conv_kernel=[10, 3, 3, 3, 3, 2, 2],
-            conv_stride=[5, 2, 2, 2, 2, 2, 2],
-            conv_bias=False,
-            feat_extract_norm="group",
-            feat_extract_activation="gelu",
-            num_conv_pos_embeddings=64,
-            num_conv_pos_embedding_groups=16,
-            hidden_size=192,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            intermediate_size=768,
-            hidden_act="gelu",
-            do_stable_layer_norm=False,
-            feat_proj_layer_norm=True,
-            feat_proj_dropout=0.0,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
-            activation_dropout=0.0,
-            layerdrop=0.0,
-            layer_norm_eps=1e-5,
-            mask_time_prob=0.05,
-            mask_time_length=10,
-        ),
+        backbone=_compact_backbone(conv=64, hidden=192, layers=4, heads=4, ffn=768, pos=64, pos_groups=16),
         heads=dict(n_codebooks=1, codebook_size=128, final_dim=32, cqt_bins=336),
     ),
     # For tests: tiny but with the real conv geometry so frame alignment is exercised.
     "tiny": dict(
-        backbone=dict(
-            conv_dim=[16] * 7,
-            conv_kernel=[10, 3, 3, 3, 3, 2, 2],
-            conv_stride=[5, 2, 2, 2, 2, 2, 2],
-            conv_bias=False,
-            feat_extract_norm="group",
-            feat_extract_activation="gelu",
-            num_conv_pos_embeddings=16,
-            num_conv_pos_embedding_groups=4,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            hidden_act="gelu",
-            do_stable_layer_norm=False,
-            feat_proj_layer_norm=True,
-            feat_proj_dropout=0.0,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
-            activation_dropout=0.0,
-            layerdrop=0.0,
-            layer_norm_eps=1e-5,
-            mask_time_prob=0.05,
-            mask_time_length=10,
-        ),
+        backbone=_compact_backbone(conv=16, hidden=32, layers=2, heads=2, ffn=64, pos=16, pos_groups=4),
         heads=dict(n_codebooks=2, codebook_size=16, final_dim=8, cqt_bins=336),
     ),
 }
