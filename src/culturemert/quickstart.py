@@ -217,10 +217,10 @@ def _recipe(name: str) -> Path:
     return path
 
 
-def _train(recipe_name: str, out: Path, overrides: list[str], steps_scale: float = 1.0) -> Path:
+def _train(recipe_name: str, out: Path, overrides: list[str], steps_scale: float = 1.0, progress: bool = True) -> Path:
     from culturemert.train import Trainer, load_recipe
 
-    recipe = load_recipe(_recipe(recipe_name), overrides)
+    recipe = load_recipe(_recipe(recipe_name), overrides + ([] if progress else ["runtime.progress=false"]))
     if steps_scale != 1.0:
         for stage in recipe.stages:
             stage.steps = max(1, int(round(stage.steps * steps_scale)))
@@ -297,7 +297,10 @@ def run_quickstart(config: QuickstartConfig, out_dir: str | Path, progress: bool
     prepare(manifests[config.base_culture], base_dir, teacher, workers=config.workers, seed=config.seed,
             kmeans_fit_seconds=config.kmeans_fit_seconds, progress=progress)
     prepared[config.base_culture] = base_dir
-    fitted = KMeansTeacher.load(base_dir / "teacher" / "kmeans.safetensors") if not teacher.is_fitted else teacher
+    # Re-load the teacher from its file for the other cultures, so a re-run hands `prepare` exactly the same
+    # teacher state as the first run did (and resumes instead of refusing a changed configuration).
+    fitted = KMeansTeacher.load(teacher_file if shipped and teacher_file.is_file()
+                                else base_dir / "teacher" / "kmeans.safetensors")
     for culture in new_cultures:
         prepare(manifests[culture], out / "prepared" / culture, fitted, workers=config.workers, seed=config.seed,
                 progress=progress)
@@ -316,7 +319,7 @@ def run_quickstart(config: QuickstartConfig, out_dir: str | Path, progress: bool
             overrides = [f"data.dirs=[{base_dir}]", f"seed={config.seed}"]
             if config.base_steps:
                 overrides.append(f"stages.0.steps={config.base_steps}")
-            _copy_export(_train("base", out / "runs" / "base", overrides), base_model)
+            _copy_export(_train("base", out / "runs" / "base", overrides, progress=progress), base_model)
     lap("base", t0)
 
     # 4-6. CPT, control, single-culture ----------------------------------------------------------------
@@ -331,7 +334,7 @@ def run_quickstart(config: QuickstartConfig, out_dir: str | Path, progress: bool
             f"data.dirs={all_dirs}",
             f"stages.0.mixture={{sources: {sources}, replay: {{{replay}: 0.2}}}}",
             f"stages.1.mixture={{sources: {sources}}}",
-        ], config.cpt_steps_scale)
+        ], config.cpt_steps_scale, progress)
         _copy_export(final, models / "cpt")
     runs["cpt"] = models / "cpt"
     if not (models / "control" / "culturemert.json").is_file():
@@ -339,7 +342,7 @@ def run_quickstart(config: QuickstartConfig, out_dir: str | Path, progress: bool
             f"data.dirs=[{prepared[replay]}]",
             f"stages.0.mixture={{sources: {{{replay}: 1}}}}",
             f"stages.1.mixture={{sources: {{{replay}: 1}}}}",
-        ], config.cpt_steps_scale)
+        ], config.cpt_steps_scale, progress)
         _copy_export(final, models / "control")
     runs["control"] = models / "control"
     lap("cpt+control", t0)
@@ -354,7 +357,7 @@ def run_quickstart(config: QuickstartConfig, out_dir: str | Path, progress: bool
                 f"data.dirs=[{prepared[culture]}, {prepared[replay]}]",
                 f"stages.0.mixture={{sources: {{{culture}: 1}}, replay: {{{replay}: 0.2}}}}",
                 f"stages.1.mixture={{sources: {{{culture}: 1}}}}",
-            ], single_scale)
+            ], single_scale, progress)
             _copy_export(final, target)
         singles.append(target)
     lap("single-culture", t0)

@@ -7,6 +7,7 @@ Each command lives in its own module ``culturemert.cli.<command>`` exposing ``ad
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -24,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("culturemert.cli.report", "tables and plots (paper layout, layer curves, transfer matrix) from runs"),
     "quickstart": ("culturemert.cli.quickstart", "the whole workflow offline on the embedded corpus"),
 }
+
+
+#: storage errors reported as one line instead of a traceback
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -79,6 +84,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"culturemert {name}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        # disk full, quota, read-only or permission denied: the writers leave only temp files (cleaned on the
+        # next run) and complete files, so one line naming the path is all the user needs
+        if exc.errno not in _STORAGE_ERRNOS:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(
+            f"culturemert {name}: error: {exc.strerror or exc}{where}; nothing partial was kept - "
+            "free space or fix permissions, then re-run the same command to resume",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -63,6 +63,8 @@ def _datasets_from_inputs(inputs: list[str]) -> list:
     paths: list[str] = []
     for entry in inputs:
         p = Path(entry)
+        if not p.exists() and not p.is_symlink():  # a named input that is not there: fail before loading a model
+            raise UserError(f"input not found: {p}")
         if p.suffix == ".txt" and p.is_file():
             paths += [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
         else:

@@ -15,9 +15,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
+def _check_model_sources(models: list[str]) -> None:
+    """A local model path that does not exist fails now, not after the models before it were embedded."""
+    from culturemert.errors import UserError
+
+    for model in models:
+        if model.startswith(("baseline:", "preset:")):
+            continue
+        path = Path(model).expanduser()
+        looks_local = model.startswith((".", "/", "~")) or path.suffix in (".pt", ".bin", ".ckpt") or model.count("/") != 1
+        if looks_local and not path.exists():
+            raise UserError(f"--model {model}: no such file or directory")
+
+
 def run(args: argparse.Namespace) -> int:
     from culturemert.evaluate.pipeline import evaluate
 
+    _check_model_sources(args.model)
     written = evaluate(args.model, args.datasets, args.out, base=args.base, progress=not args.no_progress)
     print(f"report: {written['report.md']}")
     return 0

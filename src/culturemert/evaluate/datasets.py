@@ -215,7 +215,19 @@ class _AudioIndex:
         self.root = root
         self.by_relative: dict[str, Path] = {}
         stems: dict[str, list[Path]] = {}
+        # followlinks=True has no cycle check: a symlink to an ancestor makes the walk exponential, so each
+        # real directory (device, inode) is entered once; the first path reaching it wins, in sorted order
+        visited: set[tuple[int, int]] = set()
         for directory, subdirs, files in os.walk(root, followlinks=True):
+            try:
+                st = os.stat(directory)
+            except OSError:
+                subdirs[:] = []
+                continue
+            if (st.st_dev, st.st_ino) in visited:
+                subdirs[:] = []
+                continue
+            visited.add((st.st_dev, st.st_ino))
             subdirs.sort()
             for filename in sorted(files):
                 path = Path(directory) / filename
@@ -411,6 +423,13 @@ def _load_npy_splits(split_dir: str | Path) -> dict[str, list[str]]:
 
 
 def _read_tsv(path: Path, required: Sequence[str], delimiter: str = "\t") -> list[dict[str, str]]:
+    try:
+        return _read_tsv_rows(path, required, delimiter)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def _read_tsv_rows(path: Path, required: Sequence[str], delimiter: str) -> list[dict[str, str]]:
     with path.open("r", encoding="utf-8", newline="") as fh:
         reader = csv.DictReader(fh, delimiter=delimiter)
         header = reader.fieldnames or []
@@ -669,6 +688,8 @@ def _read_json(path: Path) -> Any:
             return json.load(fh)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: invalid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: invalid JSON: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def load_dunya(

@@ -27,6 +27,7 @@ File hashes are memoised by (path, size, mtime_ns) in ``audio_hashes.jsonl`` so 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -272,6 +273,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+#: errors of the output side (the cache), which must stop a run instead of being reported per track
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -282,16 +287,23 @@ def save_npy_atomic(path: Path, array: np.ndarray) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(path)  # write(2) errors (disk full) carry no path; the CLI names it
         raise
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -506,6 +518,8 @@ def embed_tracks(
                 except UserError as exc:
                     report.errors[track.id] = str(exc)
                 except OSError as exc:
+                    if exc.errno in _OUTPUT_ERRNOS:  # our disk is full or read-only: stop, never drop tracks
+                        raise
                     report.errors[track.id] = f"{track.path}: {exc}"
             missing = [i for i in keys if not cache.has(keys[i])]
             if missing:
