@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from transformers import HubertConfig
 
 from culturemert.errors import CheckpointError
+from culturemert.files import atomic_write_bytes, atomic_write_text, fsync_dir as _fsync_dir, sha256_file
 from culturemert.model import HeadsConfig, MertPretrainModel
 
 log = logging.getLogger(__name__)
@@ -76,50 +77,6 @@ _MERT_ONLY_CONFIG_KEYS = {
 # ----------------------------------------------------------------------------------------------------
 # small utilities
 # ----------------------------------------------------------------------------------------------------
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` so that ``path`` is either absent/old or complete, never partial."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None:
-            exc.filename = str(path)  # write(2) errors (disk full) carry no path; the CLI names it
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def _canonical_key(key: str) -> str:
     for old, new in WEIGHT_NORM_RENAMES.items():
         if key.endswith("." + old):

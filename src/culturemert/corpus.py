@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 from culturemert.config import StrictModel
 from culturemert.errors import ConfigError, DataError
+from culturemert.files import atomic_write_bytes, fsync_dir as _fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -273,37 +274,9 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temp file in the same folder + fsync + os.replace: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the corpus ordinary permissions
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+    # mkstemp makes 0600 files; the corpus gets ordinary permissions
+    atomic_write_bytes(path, data, file_mode=0o666 & ~_UMASK)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

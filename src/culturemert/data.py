@@ -46,6 +46,7 @@ from culturemert.audio import (
     probe_audio,
 )
 from culturemert.config import StrictModel
+from culturemert.files import atomic_write, fsync_dir as _fsync_dir, save_npy_atomic
 from culturemert.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -175,41 +176,6 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
 # atomic files
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write ``path`` through a temp file in the same directory + fsync + os.replace (never a partial file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, **({"encoding": "utf-8", "newline": ""} if "b" not in mode else {})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError) and exc.filename is None:
-            exc.filename = str(path)  # write(2) errors (disk full) carry no path; the CLI names it
-        raise
-    _fsync_dir(path.parent)
-
-
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
@@ -226,10 +192,6 @@ def _dumps(obj: Any) -> str:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     atomic_write(path, lambda f: f.write(_dumps(obj)), mode="w")
-
-
-def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
-    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
 def _remove_stale_tmp(directory: Path) -> None:

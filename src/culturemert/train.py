@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from culturemert.config import StrictModel, load_yaml, parse_config
+from culturemert.files import atomic_write_text as _atomic_write_text, fsync_dir as _fsync_path, sha256_file as _sha256
 from culturemert.errors import CheckpointError, ConfigError, UserError
 from culturemert.model import HeadsConfig, MertPretrainModel, PretrainingHeads, build_model
 from culturemert.objective import MertObjective, ObjectiveConfig
@@ -518,37 +519,6 @@ def _iterate(source: Any, start: int, stop: int) -> Iterator[Mapping[str, Any]]:
 def _derive_seed(*parts: Any) -> int:
     text = "/".join(str(p) for p in parts)
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & ((1 << 63) - 1)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_path(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
 
 
 @dataclasses.dataclass

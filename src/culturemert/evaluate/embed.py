@@ -45,6 +45,7 @@ from pydantic import Field
 
 from culturemert.audio import TARGET_SAMPLE_RATE, load_audio
 from culturemert.config import StrictModel
+from culturemert.files import fsync_dir as _fsync_dir, save_npy_atomic
 from culturemert.errors import ConfigError, DataError, UserError
 
 log = logging.getLogger(__name__)
@@ -260,38 +261,8 @@ def build_extractor(model: str | Any, settings: EmbedSettings, name: str | None 
 # small atomic-I/O helpers
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 #: errors of the output side (the cache), which must stop a run instead of being reported per track
 _OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
-
-
-def save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None:
-            exc.filename = str(path)  # write(2) errors (disk full) carry no path; the CLI names it
-        raise
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:

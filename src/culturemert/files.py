@@ -1,0 +1,84 @@
+"""Crash-safe file writing shared by every stage.
+
+A file that a later run trusts (index, shard, checkpoint part, cache entry, export) is written to a temp file in
+the same directory, fsynced and renamed over its final name, then the directory is fsynced: readers see the old
+file or the complete new one, never a partial one. Temp files start with ``.`` and end in ``.tmp``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["fsync_dir", "atomic_write", "atomic_write_bytes", "atomic_write_text", "save_npy_atomic", "sha256_file"]
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename inside ``path`` durable (best effort: some filesystems refuse directory fsync)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb", file_mode: int | None = None
+) -> None:
+    """Call ``write(fh)`` on a temp file next to ``path``, fsync, rename over ``path`` (never a partial file).
+
+    ``file_mode`` sets the permissions (mkstemp creates 0600 files). On failure the temp file is removed and an
+    ``OSError`` without a file name (``write(2)`` on a full disk) gets ``path`` attached, so the CLI can name it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        if file_mode is not None:
+            os.chmod(tmp, file_mode)
+        with os.fdopen(fd, mode, **({"encoding": "utf-8", "newline": ""} if "b" not in mode else {})) as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(path)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, file_mode: int | None = None) -> None:
+    atomic_write(path, lambda fh: fh.write(data), "wb", file_mode)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, file_mode: int | None = None) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), file_mode)
+
+
+def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
+    """``np.save`` (never pickled) through :func:`atomic_write`."""
+    atomic_write(path, lambda fh: np.save(fh, np.ascontiguousarray(array), allow_pickle=False))
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
