@@ -127,7 +127,7 @@ def test_masked_prediction_loss_equals_manual_log_softmax():
         hits = 0
         for n in range(6):
             row = logits[n, k]
-            manual += -(row[targets[n, k]] - math.log(sum(math.exp(v) for v in row.tolist())))
+            manual += -(float(row[targets[n, k]]) - math.log(sum(math.exp(v) for v in row.tolist())))
             hits += int(int(row.argmax()) == int(targets[n, k]))
         assert ce[k].item() == pytest.approx(manual, rel=1e-5)
         assert int(correct[k]) == hits

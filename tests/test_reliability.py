@@ -331,6 +331,9 @@ def no_compute(monkeypatch):
     import culturemert.checkpoint as checkpoint
     import culturemert.data as data
     import culturemert.evaluate.embed as embed
+    # modules that bind these functions by name at import: import them first (with the real functions) and
+    # patch their bindings too, so nothing patched here outlives the test
+    import culturemert.evaluate.pipeline as pipeline
     import culturemert.evaluate.probe as probe
     import culturemert.merge as merge
     import culturemert.model as model
@@ -340,6 +343,8 @@ def no_compute(monkeypatch):
     monkeypatch.setattr(data, "prepare", boom)
     monkeypatch.setattr(embed, "embed_tracks", boom)
     monkeypatch.setattr(probe, "run_probe", boom)
+    monkeypatch.setattr(pipeline, "run_probe", boom)
+    monkeypatch.setattr(pipeline, "embed_dataset", boom)
     monkeypatch.setattr(merge, "merge_with_report", boom)
 
 
