@@ -35,7 +35,6 @@ import math
 import os
 import re
 import tarfile
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -52,7 +51,7 @@ from tqdm.auto import tqdm
 
 from culturemert.config import StrictModel
 from culturemert.errors import ConfigError, DataError
-from culturemert.files import atomic_write_bytes, fsync_dir as _fsync_dir
+from culturemert.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
+from culturemert.files import atomic_write_bytes
 from culturemert.config import StrictModel
 from culturemert.errors import ConfigError, UserError
 
@@ -434,24 +434,8 @@ def merge_state_dicts(
 # ---------------------------------------------------------------------------------------------------- files
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None:
-            exc.filename = str(path)
-        raise
-
-
 def _atomic_write_json(path: Path, payload: Any) -> None:
-    _atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode())
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -701,7 +685,7 @@ def _write_sweep_csv(path: Path, results: Mapping[float, Mapping[str, Mapping[st
             for name in sorted(results[lam][dataset]):
                 writer.writerow([format_lambda(lam), dataset, name, repr(float(results[lam][dataset][name]))])
         writer.writerow([format_lambda(lam), "mean", metric, repr(means[lam])])
-    _atomic_write_bytes(path, buffer.getvalue().encode())
+    atomic_write_bytes(path, buffer.getvalue().encode())
 
 
 def _write_sweep_plot(path: Path, results: Mapping[float, Mapping[str, Mapping[str, float]]], means: Mapping[float, float], metric: str, selected: float) -> None:
@@ -727,7 +711,7 @@ def _write_sweep_plot(path: Path, results: Mapping[float, Mapping[str, Mapping[s
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
-    _atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _copy_tree_atomically(source: Path, target: Path) -> None:

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from culturemert.files import atomic_write_bytes
 from culturemert.errors import CheckpointError, ConfigError, DataError, UserError
 
 logger = logging.getLogger(__name__)
@@ -678,20 +678,6 @@ def _mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float, f_m
     return torch.from_numpy(np.clip(np.minimum(rising, falling), 0.0, None).astype(np.float32))
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
 class KMeansTeacher(_BatchedTeacher):
     """Residual k-means codes of standardised log-mel frames on the 75 Hz label grid (needs no weights).
 
@@ -922,7 +908,7 @@ class KMeansTeacher(_BatchedTeacher):
             buffer = io.BytesIO()
             np.savez(buffer, meta_json=np.array(meta_json), **arrays)
             payload = buffer.getvalue()
-        _atomic_write_bytes(target, payload)
+        atomic_write_bytes(target, payload)
         self.path = target.resolve()
         return self.path
 

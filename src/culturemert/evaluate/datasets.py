@@ -29,7 +29,6 @@ import math
 import os
 import pickle
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
+from culturemert.files import atomic_write_text
 from culturemert.config import StrictModel
 from culturemert.errors import ConfigError, DataError
 
@@ -778,23 +778,9 @@ def fetch_dunya_metadata(
             logger.warning("dunya %s: get_recording(%s) failed: %s", tradition, rid, exc)
             done[rid] = None
         if n % 50 == 0:
-            _write_json_atomic(out_json, done)
-    _write_json_atomic(out_json, done)
+            atomic_write_text(out_json, json.dumps(done, ensure_ascii=False))
+    atomic_write_text(out_json, json.dumps(done, ensure_ascii=False))
     return out_json
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, ensure_ascii=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------------------

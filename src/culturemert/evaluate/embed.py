@@ -45,7 +45,7 @@ from pydantic import Field
 
 from culturemert.audio import TARGET_SAMPLE_RATE, load_audio
 from culturemert.config import StrictModel
-from culturemert.files import fsync_dir as _fsync_dir, save_npy_atomic
+from culturemert.files import save_npy_atomic
 from culturemert.errors import ConfigError, DataError, UserError
 
 log = logging.getLogger(__name__)
@@ -310,7 +310,7 @@ class FeatureCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         key_file = self.dir / "key.json"
         if not key_file.is_file():
-            from culturemert.checkpoint import atomic_write_text
+            from culturemert.files import atomic_write_text
 
             atomic_write_text(key_file, json.dumps({**key_material, "model": extractor.name}, indent=2))
         self.frames = settings.frames
@@ -598,7 +598,7 @@ def embed_dataset(
 
 
 def _write_consolidated(out_dir: Path, arrays: list[np.ndarray], items: list[Any], vocabulary: list[str], meta: dict[str, Any]) -> None:
-    from culturemert.checkpoint import atomic_write_text
+    from culturemert.files import atomic_write_text
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if arrays:

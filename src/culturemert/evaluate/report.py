@@ -12,11 +12,10 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from culturemert.files import atomic_write_text
 from culturemert.errors import DataError
 
 __all__ = ["write_json_atomic", "load_runs", "write_report", "PAPER_DATASET_ORDER"]
@@ -31,31 +30,7 @@ _DATASET_TITLES = {
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """JSON to ``path`` via temp file + fsync + rename (never a partial file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1, ensure_ascii=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(data, indent=1, ensure_ascii=False))
 
 
 def load_runs(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
@@ -138,7 +113,7 @@ def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
     writer.writerow(header)
     for r in rows:
         writer.writerow(["" if v is None else v for v in r])
-    _write_text_atomic(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
 
 
 def _layer_key(layer: str) -> float:
@@ -321,6 +296,6 @@ def write_report(
         *(excluded_lines or ["- none"]),
         "",
     ]
-    _write_text_atomic(out / "report.md", "\n".join(text))
+    atomic_write_text(out / "report.md", "\n".join(text))
     written["report.md"] = out / "report.md"
     return written
