@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--weighted-sum", action="store_true", help="add the weighted-sum probes to the grid")
-    ap.add_argument("--sequential-probes", type=int, default=6, help="probes timed one at a time (then extrapolated)")
+    ap.add_argument("--sequential-probes", type=int, default=26, help="probes timed one at a time (then extrapolated)")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
 

@@ -4,6 +4,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from culturemert.evaluate.probe import (
     ProbeData,
@@ -61,6 +62,43 @@ def test_batched_trainer_equals_one_probe_alone():
     # the comparison must cover per-probe early stopping (stack compaction) as well as full runs
     assert 0 < stopped_early < len(specs)
     assert {o.final_lr for o in outcomes} - {1e-3, 1e-2}, "some plateau lr reductions must happen"
+
+
+@pytest.mark.parametrize("n_single, n_weighted, dropout", [(5, 0, 0.2), (3, 2, 0.2), (0, 3, 0.0)])
+def test_written_out_backward_equals_autograd(n_single, n_weighted, dropout):
+    # the trainer's hand-written backward (gradients into reused buffers) against autograd on the same forward
+    from culturemert.evaluate.probe import _forward, _loss_gradients, _ProbeStack, _training_inputs, _Workspace
+
+    g = torch.Generator().manual_seed(3)
+    seeds, batch, layers, dim, hidden, tags = 2, 7, 4, 6, 5, 3
+    n_probes = n_single + n_weighted
+    ws_layers = torch.tensor([1, 2, 3])
+    params = {
+        "w1": torch.randn(n_probes, dim, hidden, generator=g), "b1": torch.randn(n_probes, hidden, generator=g),
+        "w2": torch.randn(n_probes, hidden, tags, generator=g), "b2": torch.randn(n_probes, tags, generator=g),
+        "layer_logits": torch.randn(n_probes, 3, generator=g),
+    }
+    xb = torch.randn(seeds, batch, layers, dim, generator=g)
+    rows = torch.randint(0, seeds, (n_probes,), generator=g)
+    single_layer = torch.randint(0, layers, (n_single,), generator=g)
+    targets = (torch.rand(n_probes, batch, tags, generator=g) < 0.4).float()
+    drop = (torch.rand(n_probes, batch, hidden, generator=g) >= dropout).float() / (1 - dropout) if dropout else None
+
+    stack = _ProbeStack(params, _Workspace(torch.device("cpu")))
+    inputs, weighted = _training_inputs(xb, rows, single_layer, n_single, stack.params["layer_logits"], ws_layers,
+                                        stack.workspace)
+    _loss_gradients(stack, inputs, weighted, drop, targets, n_single)
+
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    parts = [xb[rows[i], :, single_layer[i], :] for i in range(n_single)]
+    for i in range(n_single, n_probes):
+        w = torch.softmax(leaves["layer_logits"][i], -1)
+        parts.append(torch.einsum("l,bld->bd", w, xb[rows[i]][:, ws_layers, :]))
+    logits = _forward(leaves, torch.stack(parts), drop)
+    loss = sum(F.binary_cross_entropy_with_logits(logits[i], targets[i]) for i in range(n_probes))
+    loss.backward()
+    for name in ("w1", "b1", "w2", "b2") + (("layer_logits",) if n_weighted else ()):
+        torch.testing.assert_close(stack.grad(name), leaves[name].grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_weighted_sum_learns_the_informative_layer():

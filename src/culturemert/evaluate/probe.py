@@ -14,7 +14,10 @@ Protocol (MARBLE "constrained" track, v1 code; see docs/evaluation.md):
 Batching. The parameters of all P probes are stacked along a leading dimension and trained with ``bmm``;
 Adam is elementwise, so one Adam over the stacked tensors *is* per-probe Adam once the learning rate is a
 per-probe tensor. ReduceLROnPlateau, early stopping and checkpointing are per-probe state vectors; stopped
-probes are removed from the stack at the end of the epoch. Randomness is drawn per seed, not per probe: all
+probes are removed from the stack at the end of the epoch. The backward pass of the two-layer MLP is written out
+(:func:`_loss_gradients`, checked against autograd in the tests) so that gradients and step temporaries live in
+reused buffers: autograd would allocate ~2 GB per step for a 390-probe MTAT sweep, and on CPU the page faults of
+those fresh allocations cost as much as the arithmetic. Randomness is drawn per seed, not per probe: all
 probes that share a seed share their initial MLP weights, their data order and their dropout masks (common
 random numbers across layers and learning rates). Hence a probe trained alone with the same seed sees exactly
 the same numbers, which :func:`train_probe_reference` (plain ``nn.Linear`` + ``torch.optim.Adam`` +
@@ -269,19 +272,39 @@ class ProbeOutcome:
 # the batched trainer
 
 
-class _ProbeStack:
-    """Stacked parameters and Adam state of the active probes."""
+class _Workspace:
+    """Step buffers reused across steps. On CPU a fresh multi-megabyte tensor per step costs page faults that rival
+    the arithmetic itself (a 390-probe sweep allocates ~2 GB per step otherwise), so every large temporary of the
+    training step lives here; a request returns a view of a flat buffer that only grows."""
 
-    def __init__(self, params: dict[str, torch.Tensor]):
-        self.params = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._flat: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self._flat.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = self._flat[name] = torch.empty(n, dtype=dtype, device=self.device)
+        return buf[:n].view(*shape)
+
+
+class _ProbeStack:
+    """Stacked parameters, gradients and Adam state of the active probes."""
+
+    def __init__(self, params: dict[str, torch.Tensor], workspace: _Workspace):
+        self.params = {k: v.clone() for k, v in params.items()}
         self.exp_avg = {k: torch.zeros_like(v) for k, v in params.items()}
         self.exp_avg_sq = {k: torch.zeros_like(v) for k, v in params.items()}
+        self.workspace = workspace
+
+    def grad(self, name: str) -> torch.Tensor:
+        return self.workspace(f"grad.{name}", self.params[name].shape)
 
     def select(self, keep: torch.Tensor) -> None:
-        for store in (self.exp_avg, self.exp_avg_sq):
+        for store in (self.params, self.exp_avg, self.exp_avg_sq):
             for k in store:
                 store[k] = store[k][keep]
-        self.params = {k: v.detach()[keep].requires_grad_(True) for k, v in self.params.items()}
 
 
 def _forward(
@@ -294,6 +317,63 @@ def _forward(
     if dropout_masks is not None:
         h = h * dropout_masks
     return torch.baddbmm(params["b2"].unsqueeze(1), h, params["w2"])
+
+
+def _loss_gradients(
+    stack: _ProbeStack,
+    inputs: torch.Tensor,
+    weighted_inputs: torch.Tensor | None,
+    dropout_masks: torch.Tensor | None,
+    targets: torch.Tensor,
+    n_single: int,
+) -> None:
+    """Forward + backward of every probe's mean BCE, written out so each gradient lands in a reused buffer.
+
+    ``inputs`` [P, B, D] are the probe inputs (rows n_single.. are the weighted sums of ``weighted_inputs``
+    [P - n_single, B, Lw, D]); ``targets`` [P, B, K]. The operations and their order are those autograd runs for
+    :func:`_forward` + ``binary_cross_entropy_with_logits`` (mean), so the numbers agree with the reference
+    probe to float rounding (tested); autograd itself would allocate every gradient afresh each step.
+    """
+    p, ws = stack.params, stack.workspace
+    n_probes, batch, _ = inputs.shape
+    hidden = p["w1"].shape[2]
+    pre = torch.baddbmm(p["b1"].unsqueeze(1), inputs, p["w1"], out=ws("pre", (n_probes, batch, hidden)))
+    h = torch.clamp_min(pre, 0, out=ws("h", pre.shape))  # relu
+    if dropout_masks is not None:
+        h.mul_(dropout_masks)
+    logits = torch.baddbmm(p["b2"].unsqueeze(1), h, p["w2"])
+    dlogits = logits.sigmoid_().sub_(targets).div_(logits.shape[1] * logits.shape[2])
+    torch.sum(dlogits, 1, out=stack.grad("b2"))
+    torch.bmm(h.transpose(1, 2), dlogits, out=stack.grad("w2"))
+    dh = torch.bmm(dlogits, p["w2"].transpose(1, 2), out=ws("dh", pre.shape))
+    if dropout_masks is not None:
+        dh.mul_(dropout_masks)
+    dh.masked_fill_(torch.le(pre, 0, out=ws("relu_off", pre.shape, torch.bool)), 0.0)
+    torch.sum(dh, 1, out=stack.grad("b1"))
+    torch.bmm(inputs.transpose(1, 2), dh, out=stack.grad("w1"))
+    if weighted_inputs is not None:
+        d_inputs = torch.bmm(dh[n_single:], p["w1"][n_single:].transpose(1, 2))
+        d_weights = torch.einsum("pbd,pbld->pl", d_inputs, weighted_inputs)
+        weights = torch.softmax(p["layer_logits"][n_single:], dim=-1)
+        grad_logits = stack.grad("layer_logits")
+        grad_logits[:n_single] = 0.0
+        grad_logits[n_single:] = weights * (d_weights - (d_weights * weights).sum(-1, keepdim=True))
+
+
+def _adam_step(stack: _ProbeStack, names: Sequence[str], lr_over_bc1: torch.Tensor, bc2_sqrt: float,
+               betas: tuple[float, float], eps: float) -> None:
+    """torch.optim.Adam's single-tensor update with a per-probe learning rate, in place; the gradient buffer
+    doubles as the scratch space for the denominator (it is not needed once the moments are updated)."""
+    beta1, beta2 = betas
+    for name in names:
+        param, grad = stack.params[name], stack.grad(name)
+        m, v = stack.exp_avg[name], stack.exp_avg_sq[name]
+        m.lerp_(grad, 1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = torch.sqrt(v, out=grad).div_(bc2_sqrt).add_(eps)
+        update = torch.div(m, denom, out=denom)
+        update.mul_(lr_over_bc1.view(-1, *([1] * (param.dim() - 1))))
+        param.sub_(update)
 
 
 def _probe_inputs(
@@ -325,6 +405,31 @@ def _probe_inputs(
             xs = x[:, :, ws_layers, :][row_of_probe[n_single:]]
             parts.append(torch.einsum("pl,pbld->pbd", weights, xs))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def _training_inputs(
+    xb: torch.Tensor,
+    row_of_probe: torch.Tensor,
+    single_layer: torch.Tensor,
+    n_single: int,
+    layer_logits: torch.Tensor,
+    ws_layers: torch.Tensor,
+    workspace: _Workspace,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The [P, B, D] inputs of one training batch (``xb`` [S, B, L, D] holds each seed's batch) gathered into a
+    reused buffer, and the [P_w, B, L_w, D] layers the weighted-sum probes mix (None when there are none)."""
+    seeds, batch, num_layers, dim = xb.shape
+    n_probes = row_of_probe.shape[0]
+    inputs = workspace("inputs", (n_probes, batch, dim))
+    if n_single:
+        by_seed_layer = xb.transpose(1, 2).reshape(seeds * num_layers, batch, dim)
+        torch.index_select(by_seed_layer, 0, row_of_probe[:n_single] * num_layers + single_layer, out=inputs[:n_single])
+    if n_single == n_probes:
+        return inputs, None
+    weighted_inputs = xb[:, :, ws_layers, :][row_of_probe[n_single:]]
+    weights = torch.softmax(layer_logits[n_single:], dim=-1)
+    inputs[n_single:] = torch.einsum("pl,pbld->pbd", weights, weighted_inputs)
+    return inputs, weighted_inputs
 
 
 @torch.no_grad()
@@ -398,7 +503,8 @@ def train_probes(
             raise ConfigError(f"layer {layer} out of range 0..{num_layers - 1}")
     init = {s: _initial_weights(s, dim, settings.hidden, num_tags, len(ws_list)) for s in seeds}
     params = {k: torch.stack([init[s.seed][k] for s in internal]).to(device) for k in init[seeds[0]]}
-    stack = _ProbeStack(params)
+    workspace = _Workspace(device)
+    stack = _ProbeStack(params, workspace)
     n_total = len(internal)
     ids = torch.arange(n_total)  # original (internal) index of each active probe
     lr = torch.tensor([s.lr for s in internal], dtype=torch.float64)
@@ -428,31 +534,25 @@ def train_probes(
         n_single_active = int((ids < n_single).sum())
         active_layers = single_dev[ids[:n_single_active].to(device)]
         lr_dev = lr[ids].to(device=device, dtype=torch.float32)
+        # layer logits train only while weighted-sum probes are active (autograd: zero rows for single-layer probes)
+        trained = ["w1", "b1", "w2", "b2"] + (["layer_logits"] if n_single_active < ids.numel() else [])
         for start in range(0, n_chunks, settings.batch_size):
             idx = perms[:, start : start + settings.batch_size]  # [S, B]
             xb, yb = train_x[idx], train_y[idx]
-            masks = [st.dropout_mask(idx.shape[1], settings.hidden, settings.dropout) for st in streams]
-            drop = torch.stack(masks)[rows] if masks[0] is not None else None
-            p = stack.params
-            inputs = _probe_inputs(xb, rows, active_layers, n_single_active, p["layer_logits"], ws_layers)
-            logits = _forward(p, inputs, drop)
-            loss = F.binary_cross_entropy_with_logits(logits, yb[rows], reduction="none").mean(dim=(1, 2)).sum()
-            grads = torch.autograd.grad(loss, list(p.values()), allow_unused=True)
+            batch = idx.shape[1]
+            drop = None
+            if settings.dropout > 0:
+                masks = torch.stack([st.dropout_mask(batch, settings.hidden, settings.dropout) for st in streams])
+                drop = torch.index_select(masks, 0, rows, out=workspace("dropout", (rows.shape[0], batch, settings.hidden)))
+            inputs, weighted_inputs = _training_inputs(
+                xb, rows, active_layers, n_single_active, stack.params["layer_logits"], ws_layers, workspace
+            )
+            targets = torch.index_select(yb, 0, rows, out=workspace("targets", (rows.shape[0], batch, num_tags)))
+            _loss_gradients(stack, inputs, weighted_inputs, drop, targets, n_single_active)
             step += 1
             bc1 = 1 - beta1**step
-            bc2_sqrt = math.sqrt(1 - beta2**step)
-            with torch.no_grad():
-                for (name, param), grad in zip(p.items(), grads):
-                    if grad is None:  # layer logits when no weighted-sum probe is active
-                        continue
-                    m, v = stack.exp_avg[name], stack.exp_avg_sq[name]
-                    m.lerp_(grad, 1 - beta1)
-                    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                    # one temporary instead of four: these passes dominate on CPU (memory bound)
-                    update = v.sqrt().div_(bc2_sqrt).add_(settings.adam_eps)
-                    torch.div(m, update, out=update)
-                    update.mul_((lr_dev / bc1).view(-1, *([1] * (param.dim() - 1))))
-                    param.sub_(update)
+            _adam_step(stack, trained, lr_dev / bc1, math.sqrt(1 - beta2**step), settings.adam_betas,
+                       settings.adam_eps)
         # ---- end of epoch: validation, checkpoint, plateau, early stopping
         auc = _valid_auc(stack.params, data.valid, active_layers, n_single_active, ws_layers, device, settings)
         epochs_run[ids] = epoch
