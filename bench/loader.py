@@ -2,7 +2,8 @@
 
 Makes a synthetic corpus of 44.1 kHz stereo FLAC and MP3 files, prepares it once (not timed), then measures
 5-s clips/s, side by side in one run, for:
-  * prepared:     MixtureLoader.batch (mmap + grid-aligned crop + int16->float32, codes gathered too)
+  * prepared:     MixtureLoader.batch (mmap + grid-aligned crop + int16->float32, codes gathered too), in steady
+                  state after --warmup-batches untimed batches (the cold figure is printed as well)
   * decode-seek:  per clip, open the original file, seek to a random 5-s window, read it, downmix, soxr to 24 kHz
   * decode-whole: per clip, decode the whole original file, downmix, resample, crop (MERT's dataset does this)
 
@@ -95,6 +96,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--decode-clips", type=int, default=60)
+    parser.add_argument("--warmup-batches", type=int, default=40, help="untimed batches before the steady state")
     parser.add_argument("--torch-workers", type=int, default=0)
     parser.add_argument("--workdir", default=None, help="keep the corpus here (default: a temp dir)")
     args = parser.parse_args()
@@ -108,20 +110,31 @@ def main() -> None:
         files = sorted(p for p in root.iterdir() if p.suffix in (".flac", ".mp3"))
         rng = np.random.default_rng(0)
 
-        loader.batch(0)  # open the memmaps, warm the page cache as training would after the first pass
-        prepared = clips_per_second(
-            lambda n: [loader.batch(s) for s in range(1, n // args.batch_size + 1)], args.batches * args.batch_size
+        # Cold: the first batches of a fresh process pay page faults (mmap first touch, the allocator growing its
+        # heap); on some VMs a fault costs tens of microseconds, so this is reported apart from the steady state
+        # that a training run (millions of batches) lives in.
+        cold = clips_per_second(
+            lambda n: [loader.batch(s) for s in range(n // args.batch_size)], args.warmup_batches * args.batch_size
         )
+        start = args.warmup_batches
+        prepared = clips_per_second(
+            lambda n: [loader.batch(s) for s in range(start, start + n // args.batch_size)], args.batches * args.batch_size
+        )
+        for i in range(3):  # same courtesy for the decoders: codec and resampler set-up is not timed
+            decode_seek(files[i % len(files)], rng)
+            decode_whole(files[i % len(files)], rng)
         seek = clips_per_second(lambda n: [decode_seek(files[i % len(files)], rng) for i in range(n)], args.decode_clips)
         whole = clips_per_second(
             lambda n: [decode_whole(files[i % len(files)], rng) for i in range(n)], max(4, args.decode_clips // 10)
         )
         print(f"corpus: {args.files} files x {args.file_seconds:g} s, 44.1 kHz stereo, half FLAC half MP3")
-        print(f"prepared loader (1 process, batch {args.batch_size}): {prepared:10.0f} clips/s")
+        print(f"prepared loader (1 process, batch {args.batch_size}), steady state: {prepared:10.0f} clips/s")
+        print(f"prepared loader, first {args.warmup_batches} batches of a fresh process: {cold:10.0f} clips/s")
         print(f"per-clip decode, seek + 5 s read + resample:   {seek:10.1f} clips/s")
         print(f"per-clip decode, whole file + resample + crop: {whole:10.1f} clips/s")
         print(f"ratio prepared / decode-seek:  {prepared / seek:8.1f}x")
         print(f"ratio prepared / decode-whole: {prepared / whole:8.1f}x")
+        print(f"cold-start ratios: {cold / seek:.1f}x decode-seek, {cold / whole:.1f}x decode-whole")
         if args.torch_workers:
             n_steps = args.batches
             dl = torch_loader(loader, start_step=1, num_steps=n_steps, num_workers=args.torch_workers)
