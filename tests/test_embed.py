@@ -17,6 +17,7 @@ from culturemert.evaluate.embed import (
     embed_dataset,
     embed_tracks,
     load_probe_data,
+    default_batch_size,
     normalize_waveform,
     tracks_from_paths,
 )
@@ -105,6 +106,23 @@ def test_shapes_chunk_counts_and_values(tmp_path):
         out = ex.model.inner(torch.from_numpy(wav[SR : 2 * SR])[None], output_hidden_states=True)
     expected = torch.stack(out.hidden_states, 1).mean(2)[0].numpy()
     np.testing.assert_allclose(cache.load(report.keys[paths[2].as_posix()])[1], expected, atol=1e-5)
+
+
+def test_default_batch_size_is_one_window_on_cpu_and_batching_does_not_change_features(tmp_path):
+    paths = [_write(tmp_path / f"t{i}.wav", d, seed=i) for i, d in enumerate([2.3, 3.1, 1.0])]
+    tracks = tracks_from_paths(paths)
+    auto = S.model_copy(update={"batch_size": None})
+    ex = _extractor()
+    assert default_batch_size(ex) == 1
+    one = embed_tracks(ex, tracks, tmp_path / "auto", auto, progress=False)
+    assert ex.model.calls == 6  # 2 + 3 + 1 windows, one forward pass each
+    ex_batched = _extractor()
+    batched = embed_tracks(ex_batched, tracks, tmp_path / "b3", S, progress=False)
+    assert ex_batched.model.calls < 6
+    for p in paths:
+        a = FeatureCache(tmp_path / "auto", ex, auto).load(one.keys[p.as_posix()])
+        b = FeatureCache(tmp_path / "b3", ex_batched, S).load(batched.keys[p.as_posix()])
+        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_normalize_flag(tmp_path):

@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
                         help="zero-mean/unit-variance waveform normalisation (MARBLE; default on)")
     parser.add_argument("--normalize-scope", choices=["track", "chunk"], default="track")
-    parser.add_argument("--batch", type=int, default=16, help="windows per forward pass")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="windows per forward pass (default: 16 on CUDA, 1 on CPU, where batching is slower)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 autocast (CUDA only)")
     parser.add_argument("--splits", nargs="*", default=None, help="embed only these splits")

@@ -84,7 +84,8 @@ class EmbedSettings(StrictModel):
     frames: bool = False  # also keep frame-level features (float16)
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast, CUDA only
     sample_rate: int = TARGET_SAMPLE_RATE
-    batch_size: int = Field(default=16, ge=1)
+    #: windows per forward pass; None = 16 on CUDA, 1 on CPU (bench/embed.py: on CPU batching is slower, 0.8x)
+    batch_size: int | None = Field(default=None, ge=1)
     group_tracks: int = Field(default=16, ge=1)
     device: str = "auto"
     decode_workers: int = Field(default=2, ge=0)
@@ -415,6 +416,13 @@ def _chunks_of(wav: np.ndarray, settings: EmbedSettings, min_samples: int, where
     return chunks
 
 
+def default_batch_size(extractor: Extractor) -> int:
+    """Windows per forward pass when the settings leave it open: a GPU needs batches to stay busy, while on CPU
+    a batch pushes the convolutional front end out of cache and one window at a time is faster (bench/embed.py)."""
+    device = getattr(extractor, "device", None)
+    return 16 if device is not None and torch.device(device).type == "cuda" else 1
+
+
 def _run_group(
     extractor: Extractor, chunk_lists: list[list[np.ndarray]], settings: EmbedSettings
 ) -> list[tuple[np.ndarray, np.ndarray | None]]:
@@ -425,10 +433,11 @@ def _run_group(
         by_length.setdefault(entry[2].shape[0], []).append(entry)
     pooled: dict[tuple[int, int], np.ndarray] = {}
     frames: dict[tuple[int, int], np.ndarray] = {}
+    batch_size = settings.batch_size or default_batch_size(extractor)
     for length in sorted(by_length, reverse=True):
         entries = by_length[length]
-        for b0 in range(0, len(entries), settings.batch_size):
-            batch = entries[b0 : b0 + settings.batch_size]
+        for b0 in range(0, len(entries), batch_size):
+            batch = entries[b0 : b0 + batch_size]
             wav = torch.from_numpy(np.stack([e[2] for e in batch]))
             p, f = extractor(wav, settings.frames)
             for i, (t, c, _) in enumerate(batch):
