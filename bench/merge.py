@@ -5,11 +5,14 @@ then measures, each in a fresh subprocess so that every peak RSS is clean:
 
 * ``naive``: load all five state dicts, materialise every task vector as a full state dict, sum them;
 * ``streaming-eager``: load all five state dicts, then ``culturemert.merge.merge_state_dicts`` (tensor by tensor);
-* ``streaming-lazy``: ``merge_state_dicts`` over lazy mappings that read one tensor from disk on access, so only
-  the output plus one tensor per input is resident.
+* ``streaming-lazy``: ``merge_state_dicts`` over ``culturemert.checkpoint.LazySafetensors`` mappings that read one
+  tensor from disk on access, so only the output plus one tensor per input is resident. This is what
+  ``culturemert merge`` does when every input is a culturemert export.
 
 All three run task arithmetic at λ = 0.2 (CultureMERT-TA's setting) and print a checksum of the result, which
-must agree. Reproduce with:  python bench/merge.py   (add --threads N to change torch's thread count)
+must agree. ``--exports`` adds the whole merge job (open, merge, write the export) on export directories, with
+inputs loaded as models (``merge-exports-eager``) and read lazily (``merge-exports``, the default for exports).
+Reproduce with:  python bench/merge.py [--exports]   (add --threads N to change torch's thread count)
 """
 
 from __future__ import annotations
@@ -17,12 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -72,38 +74,22 @@ def write_inputs(directory: Path) -> list[Path]:
     return paths
 
 
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
+def write_exports(paths: list[Path]) -> list[Path]:
+    """The same weights as culturemert export directories (what `culturemert merge` reads), heads-free."""
+    from safetensors.torch import load_file
 
+    from culturemert.checkpoint import model_fingerprint, save_export
+    from culturemert.model import build_model
 
-class LazySafetensors(Mapping[str, torch.Tensor]):
-    """Reads one tensor per access with plain file reads (no mmap, so resident memory is only what is held)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        with path.open("rb") as fh:
-            (header_len,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(header_len))
-        header.pop("__metadata__", None)
-        self.data_start = 8 + header_len
-        self.header = header
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        info = self.header[name]
-        start, end = info["data_offsets"]
-        tensor = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
-        # Read straight into the tensor's memory: no intermediate buffer whose lifetime we would not control.
-        target = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-        assert target.nbytes == end - start, info
-        with self.path.open("rb") as fh:
-            fh.seek(self.data_start + start)
-            fh.readinto(target)
-        return tensor
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.header)
-
-    def __len__(self) -> int:
-        return len(self.header)
+    model = build_model("mert-v1-95m", with_heads=False, seed=0)
+    dirs, base_fp = [], None
+    for path in paths:
+        model.backbone.load_state_dict(load_file(str(path)), strict=True)
+        out = path.with_suffix("")
+        save_export(model, out, base_fingerprint=base_fp)
+        base_fp = base_fp or model_fingerprint(model)
+        dirs.append(out)
+    return dirs
 
 
 def _rss_mb() -> float:
@@ -137,6 +123,7 @@ def _checksum(state: Mapping[str, torch.Tensor]) -> float:
 def worker(approach: str, paths: list[Path], threads: int) -> dict:
     from safetensors.torch import load_file
 
+    from culturemert.checkpoint import LazySafetensors
     from culturemert.merge import merge_state_dicts
 
     torch.set_num_threads(threads)
@@ -153,6 +140,16 @@ def worker(approach: str, paths: list[Path], threads: int) -> dict:
         base, *models = [load_file(str(p)) for p in paths]
         task_vectors = [{name: m[name] - base[name] for name in base} for m in models]
         merged = {name: base[name] + LAMBDA * sum(tv[name] for tv in task_vectors) for name in base}
+    elif approach in ("merge-exports", "merge-exports-eager"):
+        # the whole `culturemert merge` job on export directories: open, merge, write + checksum the export
+        from culturemert.merge import MergeOptions, load_inputs, merge_loaded, open_inputs_lazily
+
+        base_dir, *model_dirs = paths
+        opener = open_inputs_lazily if approach == "merge-exports" else load_inputs
+        inputs = opener(base_dir, model_dirs)
+        merge_loaded(inputs, base_dir.parent / f"out-{approach}", MergeOptions(lambdas=LAMBDA))
+        del inputs
+        merged = LazySafetensors(base_dir.parent / f"out-{approach}" / "model.safetensors", "backbone.")
     else:
         raise ValueError(approach)
     seconds = time.perf_counter() - start
@@ -170,6 +167,8 @@ def worker(approach: str, paths: list[Path], threads: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each worker (default 1)")
+    parser.add_argument("--exports", action="store_true",
+                        help="also time the whole merge job on culturemert export directories, eager vs lazy inputs")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--paths", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -184,26 +183,31 @@ def main() -> None:
         size_mb = sum(p.stat().st_size for p in paths[1:2]) / 2**20
         print(f"inputs: base + {NUM_MODELS} models, {params / 1e6:.1f}M parameters each, fp32 "
               f"({size_mb:.0f} MB per model; written in {time.perf_counter() - t0:.1f}s)")
+        export_dirs = write_exports(paths) if args.exports else []
         results = {}
-        for approach in ("naive", "streaming-eager", "streaming-lazy"):
+        approaches = ["naive", "streaming-eager", "streaming-lazy"]
+        approaches += ["merge-exports-eager", "merge-exports"] if args.exports else []
+        for approach in approaches:
+            inputs = export_dirs if approach.startswith("merge-exports") else paths
             cmd = [sys.executable, __file__, "--worker", approach, "--threads", str(args.threads),
-                   "--paths", *map(str, paths)]
+                   "--paths", *map(str, inputs)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True)
             results[approach] = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"\ntask arithmetic, λ={LAMBDA}, {NUM_MODELS} models, torch threads={args.threads}")
-    print(f"{'approach':<16} {'time (s)':>9} {'peak RSS (MB)':>14} {'above baseline (MB)':>20} {'checksum':>16}")
+    print(f"{'approach':<20} {'time (s)':>9} {'peak RSS (MB)':>14} {'above baseline (MB)':>20} {'checksum':>16}")
     for r in results.values():
-        print(f"{r['approach']:<16} {r['seconds']:>9.2f} {r['peak_rss_mb']:>14.0f} "
+        print(f"{r['approach']:<20} {r['seconds']:>9.2f} {r['peak_rss_mb']:>14.0f} "
               f"{r['peak_above_baseline_mb']:>20.0f} {r['checksum']:>16.6f}")
     naive = results["naive"]
-    for name in ("streaming-eager", "streaming-lazy"):
+    for name in approaches[1:]:
         r = results[name]
         print(f"naive / {name}: time x{naive['seconds'] / r['seconds']:.2f}, "
               f"peak memory above baseline x{naive['peak_above_baseline_mb'] / r['peak_above_baseline_mb']:.2f}")
     sums = [r["checksum"] for r in results.values()]
     spread = max(sums) - min(sums)
     print(f"checksums agree to {spread:.3g} (absolute, over {params / 1e6:.0f}M summed values)")
-    print(f"\nreproduce: {REPRODUCE}" + (f" --threads {args.threads}" if args.threads != 1 else ""))
+    print(f"\nreproduce: {REPRODUCE}" + (f" --threads {args.threads}" if args.threads != 1 else "")
+          + (" --exports" if args.exports else ""))
 
 
 if __name__ == "__main__":

@@ -558,3 +558,62 @@ def test_cli_linear_without_base(tmp_path: Path) -> None:
     assert read_export_metadata(out)["base_fingerprint"] == read_export_metadata(model_dirs[0])["base_fingerprint"]
     assert read_export_metadata(out)["card"]["merge"]["weights"] == [0.25, 0.75]
     assert model_fingerprint(merged) == read_export_metadata(out)["fingerprint"]
+
+
+@pytest.mark.parametrize(
+    "method, base_given, kwargs",
+    [("task_arithmetic", True, {"lambdas": [0.3, 0.7, 0.2]}), ("ties", True, {"density": 0.5}),
+     ("dare_ties", True, {"drop_rate": 0.5, "seed": 3}), ("linear", False, {})],
+)
+def test_lazy_export_inputs_merge_exactly_like_loaded_models(tmp_path: Path, method: str, base_given: bool, kwargs: dict) -> None:
+    from culturemert.checkpoint import load_model
+    from culturemert.merge import load_inputs, merge_loaded, open_inputs_lazily
+
+    base_dir, model_dirs, _ = _tiny_exports(tmp_path, n=3)
+    base_arg = base_dir if base_given else None
+    options = MergeOptions(method=method, exclude=["backbone.masked_spec_embed"] if base_given else [], **kwargs)
+    lazy = open_inputs_lazily(base_arg, model_dirs)
+    eager = load_inputs(base_arg, model_dirs)
+    assert lazy.lazy and not eager.lazy
+    assert lazy.fingerprints == eager.fingerprints and lazy.base_fingerprint == eager.base_fingerprint
+    record_lazy = merge_loaded(lazy, tmp_path / "lazy", options)
+    record_eager = merge_loaded(eager, tmp_path / "eager", options)
+    assert record_lazy["fingerprint"] == record_eager["fingerprint"]
+    a, b = load_model(str(tmp_path / "lazy")).state_dict(), load_model(str(tmp_path / "eager")).state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lazy_safetensors_reads_exactly_and_reports_damage(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from culturemert.checkpoint import LazySafetensors
+    from culturemert.errors import CheckpointError
+
+    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "c": torch.randn(4).to(torch.bfloat16)}
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, str(path))
+    lazy = LazySafetensors(path, prefix="p.")
+    assert sorted(lazy) == ["p.a", "p.b", "p.c"] and len(lazy) == 3
+    for name, t in load_file(str(path)).items():
+        assert lazy[f"p.{name}"].dtype == t.dtype and torch.equal(lazy[f"p.{name}"], t)
+    data = path.read_bytes()
+    path.write_bytes(data[:-8])  # truncated payload
+    with pytest.raises(CheckpointError, match="truncated while reading"):
+        _ = [LazySafetensors(path)[k] for k in ("a", "b", "c")]
+    path.write_bytes(b"\xff" * 16)
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        LazySafetensors(path)
+
+
+def test_lazy_merge_refuses_a_modified_export(tmp_path: Path) -> None:
+    from culturemert.errors import CheckpointError
+    from culturemert.merge import merge_models
+
+    base_dir, model_dirs, _ = _tiny_exports(tmp_path, n=2)
+    weights = model_dirs[1] / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one flipped bit in the last tensor
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum mismatch for model.safetensors"):
+        merge_models(base_dir, model_dirs, tmp_path / "out", lambdas=0.3)
+    assert not (tmp_path / "out").exists()

@@ -47,6 +47,9 @@ __all__ = [
     "state_dict_fingerprint",
     "read_export_metadata",
     "is_export_dir",
+    "LazySafetensors",
+    "LazyExport",
+    "can_open_lazily",
     "load_fairseq_checkpoint",
     "fairseq_to_culturemert_keys",
     "culturemert_to_fairseq_state_dict",
@@ -612,17 +615,21 @@ def read_export_metadata(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{meta_path}: invalid JSON ({exc})") from None
 
 
+def _verify_export_files(directory: Path, meta: Mapping[str, Any]) -> None:
+    for name, digest in meta.get("files", {}).items():
+        f = directory / name
+        if not f.is_file():
+            raise CheckpointError(f"{directory}: file {name} listed in {EXPORT_META} is missing")
+        if sha256_file(f) != digest:
+            raise CheckpointError(f"{directory}: checksum mismatch for {name} (corrupted or modified)")
+
+
 def _load_export(directory: Path, with_heads: bool, verify: bool) -> MertPretrainModel:
     meta = read_export_metadata(directory)
     if meta.get("format") != EXPORT_FORMAT:
         raise CheckpointError(f"{directory}: {EXPORT_META} is not a culturemert export")
     if verify:
-        for name, digest in meta.get("files", {}).items():
-            f = directory / name
-            if not f.is_file():
-                raise CheckpointError(f"{directory}: file {name} listed in {EXPORT_META} is missing")
-            if sha256_file(f) != digest:
-                raise CheckpointError(f"{directory}: checksum mismatch for {name} (corrupted or modified)")
+        _verify_export_files(directory, meta)
     config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     backbone_cfg = _hubert_config_from_hf(config, str(directory))
     heads_cfg = HeadsConfig(**meta["heads"]) if (with_heads and meta.get("heads")) else None
@@ -635,6 +642,115 @@ def _load_export(directory: Path, with_heads: bool, verify: bool) -> MertPretrai
                          "has_heads": heads_cfg is not None}
     model.eval()
     return model
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class LazySafetensors(Mapping[str, torch.Tensor]):
+    """A safetensors file as a ``name -> tensor`` mapping that reads one tensor per access.
+
+    Plain positioned reads straight into the tensor's memory, no mmap: what is resident is what the caller holds,
+    which is what lets a merge of n models peak near one model. ``prefix`` is prepended to every name.
+    """
+
+    def __init__(self, path: str | Path, prefix: str = ""):
+        self.path = Path(path)
+        try:
+            with self.path.open("rb") as fh:
+                header_len = int.from_bytes(fh.read(8), "little")
+                if not 2 <= header_len <= 100_000_000:
+                    raise ValueError(f"implausible header length {header_len}")
+                header = json.loads(fh.read(header_len))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{self.path}: not a readable safetensors file ({exc})") from None
+        header.pop("__metadata__", None)
+        self._data_start = 8 + header_len
+        self._entries: dict[str, dict[str, Any]] = {}
+        for name, info in header.items():
+            if info.get("dtype") not in _SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
+            self._entries[prefix + name] = info
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        info = self._entries[name]
+        start, end = info["data_offsets"]
+        tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+        target = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        if target.nbytes != end - start:
+            raise CheckpointError(f"{self.path}: tensor {name} spans {end - start} bytes, its shape needs {target.nbytes}")
+        with self.path.open("rb") as fh:
+            fh.seek(self._data_start + start)
+            if fh.readinto(target) != target.nbytes:
+                raise CheckpointError(f"{self.path}: truncated while reading {name}")
+        return tensor
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class _ChainedMapping(Mapping[str, torch.Tensor]):
+    def __init__(self, *parts: Mapping[str, torch.Tensor]):
+        self._owner = {name: part for part in parts for name in part}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._owner[name][name]
+
+    def __iter__(self):
+        return iter(self._owner)
+
+    def __len__(self) -> int:
+        return len(self._owner)
+
+
+class LazyExport:
+    """A culturemert export opened without loading its weights (for merges that read one tensor at a time).
+
+    ``state`` has the names of ``MertPretrainModel.state_dict()`` (``backbone.*``, ``heads.*``); ``fingerprint``
+    is the backbone fingerprint recorded at export time, trustworthy once ``verify`` has checked every file's
+    sha256 against the export's record.
+    """
+
+    def __init__(self, directory: str | Path, *, with_heads: bool = True, verify: bool = True):
+        self.directory = Path(directory)
+        meta = read_export_metadata(self.directory)
+        if meta.get("format") != EXPORT_FORMAT:
+            raise CheckpointError(f"{self.directory}: {EXPORT_META} is not a culturemert export")
+        if verify:
+            _verify_export_files(self.directory, meta)
+        self.meta = meta
+        config = json.loads((self.directory / "config.json").read_text(encoding="utf-8"))
+        self.backbone_config = _hubert_config_from_hf(config, str(self.directory))
+        self.heads_config = HeadsConfig(**meta["heads"]) if (with_heads and meta.get("heads")) else None
+        self.fingerprint: str | None = meta.get("fingerprint")
+        parts = [LazySafetensors(self.directory / BACKBONE_FILE, "backbone.")]
+        if self.heads_config is not None:
+            parts.append(LazySafetensors(self.directory / HEADS_FILE, "heads."))
+        self.state: Mapping[str, torch.Tensor] = _ChainedMapping(*parts)
+
+    @property
+    def has_heads(self) -> bool:
+        return self.heads_config is not None
+
+    def empty_model(self, with_heads: bool) -> MertPretrainModel:
+        """The export's architecture with weights on the meta device (no memory), to be filled with
+        ``load_state_dict(..., assign=True)``."""
+        with torch.device("meta"):
+            model = MertPretrainModel(self.backbone_config, self.heads_config if with_heads else None)
+        return model
+
+
+def can_open_lazily(source: str | Path) -> bool:
+    """True for an export directory whose backbone is one safetensors file (what :class:`LazyExport` reads)."""
+    path = Path(str(source)).expanduser()
+    return path.is_dir() and is_export_dir(path) and (path / BACKBONE_FILE).is_file()
 
 
 def _load_hf_dir(directory: Path) -> MertPretrainModel:

@@ -445,15 +445,22 @@ HEADS_PREFIX = "heads."
 
 @dataclass
 class LoadedInputs:
-    """Base and input models loaded once (a sweep merges them many times)."""
+    """Base and input models, opened once (a sweep merges them many times).
+
+    ``base_state``/``states`` are ``MertPretrainModel.state_dict()``-named mappings: real state dicts of loaded
+    models, or lazy readers of export files (one tensor read per access) when every input is a culturemert
+    export; ``make_output(with_heads)`` returns the skeleton the merged tensors are assigned into.
+    """
 
     base_source: str | None  # None: linear averaging without a base (the first model is the template)
-    base: Any  # MertPretrainModel: the base, or the template for the output's config and buffers
+    base_state: Mapping[str, torch.Tensor] | None
     base_fingerprint: str | None
     sources: list[str]
-    models: list[Any]
+    states: list[Mapping[str, torch.Tensor]]
     fingerprints: list[str]
     heads_merged: bool
+    make_output: Callable[[bool], Any]
+    lazy: bool = False
 
 
 def _recorded_base_fingerprint(source: str) -> str | None:
@@ -467,6 +474,27 @@ def _recorded_base_fingerprint(source: str) -> str | None:
     return str(value) if value else None
 
 
+def _check_recorded_bases(base_source: Any, base_fp: str | None, model_sources: Sequence[Any], allow_unrelated: bool) -> None:
+    for source in model_sources if base_source is not None else ():
+        recorded = _recorded_base_fingerprint(str(source))
+        if recorded is not None and recorded != base_fp:
+            message = (
+                f"{source} records that it was trained from a model with fingerprint {recorded[:16]}…, but the base "
+                f"{base_source} has fingerprint {(base_fp or '?')[:16]}…; pass the model it was trained from as --base, "
+                "or --allow-unrelated to merge anyway"
+            )
+            if not allow_unrelated:
+                raise UserError(message)
+            log.warning("%s", message)
+
+
+def _heads_merged(base_has_heads: bool, inputs_have_heads: Sequence[bool]) -> bool:
+    every_has_heads = base_has_heads and all(inputs_have_heads)
+    if not every_has_heads and (base_has_heads or any(inputs_have_heads)):
+        log.warning("not every input has pre-training heads: merging the backbone only; the output has no heads")
+    return every_has_heads
+
+
 def load_inputs(
     base_source: str | Path | None, model_sources: Sequence[str | Path], *, allow_unrelated: bool = False
 ) -> LoadedInputs:
@@ -474,6 +502,8 @@ def load_inputs(
 
     ``base_source=None`` is for linear averaging only: the first model then serves as the output's template.
     """
+    import copy
+
     from culturemert.checkpoint import load_model, model_fingerprint
 
     if not model_sources:
@@ -485,36 +515,78 @@ def load_inputs(
         fingerprints.append(model_fingerprint(model))
     base = load_model(str(base_source)) if base_source is not None else models[0]
     base_fp = model_fingerprint(base) if base_source is not None else None
-    for source in model_sources if base_source is not None else ():
-        recorded = _recorded_base_fingerprint(str(source))
-        if recorded is not None and recorded != base_fp:
-            message = (
-                f"{source} records that it was trained from a model with fingerprint {recorded[:16]}…, but the base "
-                f"{base_source} has fingerprint {base_fp[:16]}…; pass the model it was trained from as --base, or "
-                "--allow-unrelated to merge anyway"
-            )
-            if not allow_unrelated:
-                raise UserError(message)
-            log.warning("%s", message)
-    every_has_heads = base.heads is not None and all(m.heads is not None for m in models)
-    if not every_has_heads and (base.heads is not None or any(m.heads is not None for m in models)):
-        log.warning("not every input has pre-training heads: merging the backbone only; the output has no heads")
+    _check_recorded_bases(base_source, base_fp, model_sources, allow_unrelated)
+
+    def make_output(with_heads: bool) -> Any:
+        output = copy.deepcopy(base)
+        if not with_heads:
+            output.heads = None
+        return output
+
     return LoadedInputs(
         base_source=str(base_source) if base_source is not None else None,
-        base=base,
+        base_state=base.state_dict() if base_source is not None else None,
         base_fingerprint=base_fp,
         sources=[str(s) for s in model_sources],
-        models=models,
+        states=[m.state_dict() for m in models],
         fingerprints=fingerprints,
-        heads_merged=every_has_heads,
+        heads_merged=_heads_merged(base.heads is not None, [m.heads is not None for m in models]),
+        make_output=make_output,
     )
 
 
-def _state_dict_for_merge(model: Any, with_heads: bool) -> dict[str, torch.Tensor]:
-    state = model.state_dict()
-    if not with_heads:
-        state = {k: v for k, v in state.items() if not k.startswith(HEADS_PREFIX)}
-    return state
+def open_inputs_lazily(
+    base_source: str | Path | None, model_sources: Sequence[str | Path], *, allow_unrelated: bool = False
+) -> LoadedInputs:
+    """Like :func:`load_inputs` for culturemert exports, without loading any weights: the merge then reads one
+    tensor per input at a time, so its peak memory is about the output model instead of n + 2 models. Every
+    file's sha256 is checked against the export record first (that is what makes the recorded fingerprints
+    trustworthy)."""
+    from culturemert.checkpoint import LazyExport
+
+    if not model_sources:
+        raise UserError("merge needs at least one model (--models)")
+    exports = [LazyExport(source) for source in model_sources]
+    base = LazyExport(base_source) if base_source is not None else exports[0]
+    for export in ([base] if base_source is not None else []) + exports:
+        if not export.fingerprint:
+            raise UserError(f"{export.directory}: the export records no fingerprint; re-export it with culturemert")
+    base_fp = base.fingerprint if base_source is not None else None
+    _check_recorded_bases(base_source, base_fp, model_sources, allow_unrelated)
+    return LoadedInputs(
+        base_source=str(base_source) if base_source is not None else None,
+        base_state=base.state if base_source is not None else None,
+        base_fingerprint=base_fp,
+        sources=[str(s) for s in model_sources],
+        states=[e.state for e in exports],
+        fingerprints=[str(e.fingerprint) for e in exports],
+        heads_merged=_heads_merged(base.has_heads, [e.has_heads for e in exports]),
+        make_output=base.empty_model,
+        lazy=True,
+    )
+
+
+class _WithoutHeads(Mapping[str, torch.Tensor]):
+    """A state mapping minus the pre-training heads (a view: lazy mappings stay lazy)."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor]):
+        self._state = state
+        self._names = [k for k in state if not k.startswith(HEADS_PREFIX)]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name.startswith(HEADS_PREFIX):
+            raise KeyError(name)
+        return self._state[name]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def _state_for_merge(state: Mapping[str, torch.Tensor], with_heads: bool) -> Mapping[str, torch.Tensor]:
+    return state if with_heads else _WithoutHeads(state)
 
 
 def merge_loaded(
@@ -524,23 +596,19 @@ def merge_loaded(
     *,
     card_extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Merge already-loaded inputs and write an export to ``out_dir``; returns the merge record of the card."""
-    import copy
-
+    """Merge opened inputs and write an export to ``out_dir``; returns the merge record of the card."""
     from culturemert.checkpoint import model_fingerprint, save_export
 
     with_heads = inputs.heads_merged
     merged, report = merge_with_report(
-        _state_dict_for_merge(inputs.base, with_heads) if inputs.base_source is not None else None,
-        [_state_dict_for_merge(m, with_heads) for m in inputs.models],
+        _state_for_merge(inputs.base_state, with_heads) if inputs.base_state is not None else None,
+        [_state_for_merge(state, with_heads) for state in inputs.states],
         options,
         model_labels=inputs.sources,
         base_label=f"the base ({inputs.base_source})",
     )
-    output = copy.deepcopy(inputs.base)
-    if not with_heads:
-        output.heads = None
-    # assign=True adopts the merged tensors (and their dtype) instead of copying them into the base's copy.
+    output = inputs.make_output(with_heads)
+    # assign=True adopts the merged tensors (and their dtype) instead of copying them into the template.
     output.load_state_dict(merged, strict=True, assign=True)
     del merged
     heads_in_scope = with_heads and any(
@@ -588,7 +656,7 @@ def merge_loaded(
         recorded = {_recorded_base_fingerprint(source) for source in inputs.sources}
         base_fingerprint = recorded.pop() if len(recorded) == 1 else None
     save_export(output, str(out_dir), card=card, base_fingerprint=base_fingerprint)
-    log.info("merged %d models (%s) into %s", len(inputs.models), options.method, out_dir)
+    log.info("merged %d models (%s) into %s", len(inputs.states), options.method, out_dir)
     return record
 
 
@@ -606,8 +674,14 @@ def merge_models(
     ``base_source`` may be None for ``linear`` only. The backbone is always merged; the pre-training heads are merged when every input and the base have them (and
     the scope includes them), otherwise the output has no heads. Returns the merge record stored in the card.
     """
+    from culturemert.checkpoint import can_open_lazily
+
     opts = _options_from(options, **option_kwargs)
-    inputs = load_inputs(base_source, model_sources, allow_unrelated=opts.allow_unrelated)
+    sources = ([base_source] if base_source is not None else []) + list(model_sources)
+    if model_sources and all(can_open_lazily(s) for s in sources):
+        inputs = open_inputs_lazily(base_source, model_sources, allow_unrelated=opts.allow_unrelated)
+    else:
+        inputs = load_inputs(base_source, model_sources, allow_unrelated=opts.allow_unrelated)
     return merge_loaded(inputs, out_dir, opts, card_extra=card_extra)
 
 
