@@ -24,6 +24,18 @@ import sys
 import time
 
 
+def _peak_rss_gib() -> float:
+    # VmHWM of this process (exec starts a fresh address space); ru_maxrss would carry over the parent's peak.
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def one_step_peak(preset: str, batch: int, seconds: float, checkpointing: bool, device_name: str, steps: int) -> dict:
     """Run ``steps`` optimiser steps in this process and return its peak memory (GiB) and seconds per step."""
     import torch
@@ -59,7 +71,7 @@ def one_step_peak(preset: str, batch: int, seconds: float, checkpointing: bool, 
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) / 2**30
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        peak = _peak_rss_gib()
     return {"peak_gib": peak, "seconds_per_step": (time.perf_counter() - started) / steps, "loss": float(out.loss)}
 
 
