@@ -18,9 +18,8 @@ soundfont; a pure-numpy additive synthesiser when libfluidsynth is missing) -> R
 
 Everything random is derived from ``(seed, piece id)``, so the same seed gives the same CSV and the same audio
 bytes whatever the number of workers and whichever worker renders which piece. FluidSynth keeps voice state
-between notes (filter history of reused voice slots, reverb/chorus buffers), so the renderer disables
-reverb/chorus and saturates the whole voice pool once at start-up: after that a piece renders identically
-whatever was rendered before it in the same process (tested).
+from note to note (voice slots, filters, reverb/chorus buffers) that no reset fully clears, so every piece gets
+a fresh synthesiser (reverb/chorus off): a piece renders identically whatever was rendered before it (tested).
 """
 
 from __future__ import annotations
@@ -83,7 +82,7 @@ __all__ = [
 ]
 
 #: Bump when a change in this module changes the rendered audio for the same config (invalidates resume).
-RENDER_VERSION = 1
+RENDER_VERSION = 2  # 2: a fresh synthesiser per piece (1 let pieces depend on their predecessors)
 #: Bump when parsing changes (notes, meter, key): invalidates the notes cache of earlier builds.
 PARSER_VERSION = 2
 #: Pitch-bend units per semitone with the General-MIDI default bend range of +-2 semitones.
@@ -765,7 +764,13 @@ def resolve_soundfont(explicit: Path | None) -> Path:
 
 
 class FluidSynthRenderer:
-    """One persistent FluidSynth synthesiser (float output, reverb/chorus off) for many pieces.
+    """FluidSynth (float output, reverb/chorus off) with a fresh synthesiser for every piece.
+
+    A persistent synthesiser carries state from one piece to the next (voice slots, their filters and
+    interpolation history), and no reset we found removes all of it: a quarter of the quickstart's pieces came out
+    differently depending on which pieces the worker had rendered before. A new synthesiser per piece costs ~13 ms
+    with dynamic sample loading (the soundfont's samples are read when a preset is selected, not all at start-up)
+    and makes every piece a function of its notes only.
 
     Consecutive notes alternate between two MIDI channels so that each note keeps its own pitch bend while the
     previous note is still releasing.
@@ -789,48 +794,36 @@ class FluidSynthRenderer:
         )
         if self._write_float is None:  # pragma: no cover - every FluidSynth >= 1.0 has it
             raise ImportError("libfluidsynth lacks fluid_synth_write_float")
-        self.synth = fluidsynth.Synth(
+        self._open().delete()  # fail here, not in the first piece, when the soundfont does not load
+
+    def _open(self) -> Any:
+        synth = self._fl.Synth(
             gain=0.5,
-            samplerate=float(sample_rate),
+            samplerate=float(self.sample_rate),
             channels=16,
-            **{"synth.reverb.active": 0, "synth.chorus.active": 0, "synth.polyphony": polyphony,
-               "synth.cpu-cores": 1},
+            **{"synth.reverb.active": 0, "synth.chorus.active": 0, "synth.polyphony": self.polyphony,
+               "synth.cpu-cores": 1, "synth.dynamic-sample-loading": 1},
         )
-        self.sfid = self.synth.sfload(str(soundfont))
+        self.sfid = synth.sfload(str(self.soundfont))
         if self.sfid < 0:
-            raise DataError(f"FluidSynth could not load soundfont {soundfont}")
-        self._warm_up()
+            synth.delete()
+            raise DataError(f"FluidSynth could not load soundfont {self.soundfont}")
+        return synth
 
-    def _write(self, left: np.ndarray, right: np.ndarray, start: int, count: int) -> None:
+    def _write(self, synth: Any, left: np.ndarray, right: np.ndarray, start: int, count: int) -> None:
         if count > 0:
-            self._write_float(self.synth.synth, count, left.ctypes.data + 4 * start, 0, 1,
+            self._write_float(synth.synth, count, left.ctypes.data + 4 * start, 0, 1,
                               right.ctypes.data + 4 * start, 0, 1)
-
-    def _silence(self, count: int) -> None:
-        scratch = np.zeros(max(count, 1), np.float32)
-        self._write(scratch, scratch, 0, count)
-
-    def _warm_up(self) -> None:
-        # A reused voice slot carries state (filter history) from its previous note, a never-used slot does not.
-        # Using every slot once makes the pool's state the same before every piece, whatever came before it.
-        for channel in self._CHANNELS:
-            self.synth.program_select(channel, self.sfid, 0, 0)
-        key = 24
-        while self.synth.get_active_voice_count() < self.polyphony and key < 128:
-            self.synth.noteon(self._CHANNELS[key % 2], key, 100)
-            key += 1
-        self._silence(256)
-        self._reset()
-
-    def _reset(self) -> None:
-        self.synth.system_reset()
-        for channel in self._CHANNELS:
-            self.synth.all_sounds_off(channel)
-        self._silence(128)  # kills take effect at the next block; 128 keeps the 64-sample block phase at 0
 
     def render(self, notes: Sequence[ScheduledNote], program: int, num_samples: int) -> np.ndarray:
         """Mono float32 audio of ``num_samples`` samples."""
-        synth = self.synth
+        synth = self._open()
+        try:
+            return self._render(synth, notes, program, num_samples)
+        finally:
+            synth.delete()
+
+    def _render(self, synth: Any, notes: Sequence[ScheduledNote], program: int, num_samples: int) -> np.ndarray:
         for channel in self._CHANNELS:
             synth.program_select(channel, self.sfid, 0, program)
             # RPN 0 = pitch-bend range: +-2 semitones, explicitly (it is also the GM default)
@@ -858,17 +851,14 @@ class FluidSynthRenderer:
             if sample >= num_samples:
                 break
             if sample > position:
-                self._write(left, right, position, sample - position)
+                self._write(synth, left, right, position, sample - position)
                 position = sample
             if is_on:
                 synth.pitch_bend(channel, bend)
                 synth.noteon(channel, key, velocity)
             else:
                 synth.noteoff(channel, key)
-        self._write(left, right, position, num_samples - position)
-        # end of piece: pad to a whole 64-sample block so the next piece starts at block phase 0
-        self._silence((-num_samples) % 64)
-        self._reset()
+        self._write(synth, left, right, position, num_samples - position)
         return 0.5 * (left + right)
 
 
