@@ -75,3 +75,12 @@ def test_quickstart_config_rejects_unknown_keys(tmp_path, capsys):
     assert cli_main(["quickstart", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
     assert "pieces_per_cultur: unknown key" in capsys.readouterr().err
     assert QuickstartConfig().base_culture == "german"
+
+
+def test_quickstart_into_a_folder_from_another_corpus_version_says_what_to_do(tmp_path, capsys):
+    out = tmp_path / "qs"
+    (out / "corpus").mkdir(parents=True)
+    (out / "corpus" / ".corpus-build.json").write_text(json.dumps({"render_version": 0}))
+    assert cli_main(["quickstart", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "rendered with different settings" in err and f"pass another --out, or delete {out}" in err

@@ -277,7 +277,13 @@ def run_quickstart(config: QuickstartConfig, out_dir: str | Path, progress: bool
         symbtr=config.symbtr,
         workers=config.workers,
     )
-    summary = build_corpus(corpus_cfg, out / "corpus", progress=progress)
+    try:
+        summary = build_corpus(corpus_cfg, out / "corpus", progress=progress)
+    except DataError as exc:
+        if "rendered with different settings" not in str(exc):
+            raise
+        # an output folder from another version or seed: every later stage was built from that corpus too
+        raise DataError(f"{exc}. For the quickstart: pass another --out, or delete {out} to start over") from None
     corpus_csv = Path(summary.csv_path)
     new_cultures = [c for c in cultures if c != config.base_culture]
     lap("corpus", t0)
