@@ -21,6 +21,7 @@ import ast
 import hashlib
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -666,28 +667,44 @@ class LazySafetensors(Mapping[str, torch.Tensor]):
                 if not 2 <= header_len <= 100_000_000:
                     raise ValueError(f"implausible header length {header_len}")
                 header = json.loads(fh.read(header_len))
+            file_size = self.path.stat().st_size
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{self.path}: not a readable safetensors file ({exc})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: not a safetensors file (header is not a JSON object)")
         header.pop("__metadata__", None)
         self._data_start = 8 + header_len
-        self._entries: dict[str, dict[str, Any]] = {}
+        data_len = file_size - self._data_start
+        self._entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
+        # Every entry is checked here, before anything is allocated or read: a hostile or damaged header must not
+        # make __getitem__ allocate a huge tensor or read outside the data section.
         for name, info in header.items():
-            if info.get("dtype") not in _SAFETENSORS_DTYPES:
-                raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
-            self._entries[prefix + name] = info
+            try:
+                dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+                shape = [int(d) for d in info["shape"]]
+                start, end = (int(v) for v in info["data_offsets"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"{self.path}: malformed header entry for {name!r} ({exc!r})") from None
+            if any(d < 0 for d in shape) or not 0 <= start <= end:
+                raise CheckpointError(f"{self.path}: tensor {name} has an invalid shape or offsets")
+            if end > data_len:
+                raise CheckpointError(f"{self.path}: tensor {name} lies beyond the end of the file (truncated?)")
+            if math.prod(shape) * torch.empty(0, dtype=dtype).element_size() != end - start:
+                raise CheckpointError(f"{self.path}: tensor {name} spans {end - start} bytes, which its shape does not")
+            self._entries[prefix + name] = (dtype, shape, start, end)
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        info = self._entries[name]
-        start, end = info["data_offsets"]
-        tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+        dtype, shape, start, end = self._entries[name]
+        tensor = torch.empty(shape, dtype=dtype)
         target = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-        if target.nbytes != end - start:
-            raise CheckpointError(f"{self.path}: tensor {name} spans {end - start} bytes, its shape needs {target.nbytes}")
         with self.path.open("rb") as fh:
             fh.seek(self._data_start + start)
-            if fh.readinto(target) != target.nbytes:
+            if fh.readinto(target) != end - start:
                 raise CheckpointError(f"{self.path}: truncated while reading {name}")
         return tensor
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
 
     def __iter__(self):
         return iter(self._entries)
@@ -695,10 +712,20 @@ class LazySafetensors(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self._entries)
 
+    def dtypes(self) -> set[torch.dtype]:
+        return {entry[0] for entry in self._entries.values()}
+
 
 class _ChainedMapping(Mapping[str, torch.Tensor]):
-    def __init__(self, *parts: Mapping[str, torch.Tensor]):
-        self._owner = {name: part for part in parts for name in part}
+    """Several mappings as one, iterated in ``order`` (names missing from ``order`` follow in their own order)."""
+
+    def __init__(self, *parts: Mapping[str, torch.Tensor], order: Iterable[str] = ()):
+        owner = {name: part for part in parts for name in part}
+        ordered = [name for name in order if name in owner]
+        self._owner = {name: owner[name] for name in [*ordered, *(n for n in owner if n not in set(ordered))]}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._owner
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._owner[name][name]
@@ -719,7 +746,7 @@ class LazyExport:
     """
 
     def __init__(self, directory: str | Path, *, with_heads: bool = True, verify: bool = True):
-        self.directory = Path(directory)
+        self.directory = Path(str(directory)).expanduser()
         meta = read_export_metadata(self.directory)
         if meta.get("format") != EXPORT_FORMAT:
             raise CheckpointError(f"{self.directory}: {EXPORT_META} is not a culturemert export")
@@ -730,10 +757,13 @@ class LazyExport:
         self.backbone_config = _hubert_config_from_hf(config, str(self.directory))
         self.heads_config = HeadsConfig(**meta["heads"]) if (with_heads and meta.get("heads")) else None
         self.fingerprint: str | None = meta.get("fingerprint")
-        parts = [LazySafetensors(self.directory / BACKBONE_FILE, "backbone.")]
+        self.parts = [LazySafetensors(self.directory / BACKBONE_FILE, "backbone.")]
         if self.heads_config is not None:
-            parts.append(LazySafetensors(self.directory / HEADS_FILE, "heads."))
-        self.state: Mapping[str, torch.Tensor] = _ChainedMapping(*parts)
+            self.parts.append(LazySafetensors(self.directory / HEADS_FILE, "heads."))
+        # module order, as a loaded model's state_dict(): merges accumulate norms name by name, and the same order
+        # keeps their float sums (and so the merge record) bit-identical to a merge of loaded models
+        order = self.empty_model(self.heads_config is not None).state_dict().keys()
+        self.state: Mapping[str, torch.Tensor] = _ChainedMapping(*self.parts, order=order)
 
     @property
     def has_heads(self) -> bool:
@@ -748,9 +778,20 @@ class LazyExport:
 
 
 def can_open_lazily(source: str | Path) -> bool:
-    """True for an export directory whose backbone is one safetensors file (what :class:`LazyExport` reads)."""
+    """True when :class:`LazyExport` gives exactly what :func:`load_model` would: an export directory with a
+    single-file float32 backbone whose metadata records its fingerprint and the checksum of that file (a
+    float16/bfloat16 export loads into a float32 model, whose fingerprint differs from the recorded one)."""
     path = Path(str(source)).expanduser()
-    return path.is_dir() and is_export_dir(path) and (path / BACKBONE_FILE).is_file()
+    if not (path.is_dir() and is_export_dir(path) and (path / BACKBONE_FILE).is_file()):
+        return False
+    meta = read_export_metadata(path)
+    if not meta.get("fingerprint") or BACKBONE_FILE not in meta.get("files", {}):
+        return False
+    files = [path / BACKBONE_FILE] + ([path / HEADS_FILE] if meta.get("heads") else [])
+    try:
+        return all(LazySafetensors(f).dtypes() <= {torch.float32} for f in files)
+    except CheckpointError:
+        return False  # let the eager loader report the damage in its own words
 
 
 def _load_hf_dir(directory: Path) -> MertPretrainModel:

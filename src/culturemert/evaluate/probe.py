@@ -520,7 +520,7 @@ def train_probes(
     streams = [_SeedStreams(s, device) for s in seeds]
 
     train_x = data.train.features.to(device)
-    train_y = data.train.labels.to(device)[data.train.chunk_track.to(device)]
+    train_y = data.train.labels.to(device=device, dtype=torch.float32)[data.train.chunk_track.to(device)]
     valid_labels = data.valid.labels
     ws_layers = torch.tensor(ws_list, dtype=torch.long, device=device)
     single_dev = single_layer.to(device)
@@ -686,7 +686,7 @@ def train_probe_reference(
     )
     streams = _SeedStreams(spec.seed, device)
     train_x = data.train.features.to(device)
-    train_y = data.train.labels.to(device)[data.train.chunk_track.to(device)]
+    train_y = data.train.labels.to(device=device, dtype=torch.float32)[data.train.chunk_track.to(device)]
     n = train_x.shape[0]
     best_auc, best_epoch, best_state, stop_best, wait, epochs_run = -math.inf, 0, None, -math.inf, 0, 0
 
