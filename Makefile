@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: install system-deps quickstart test soak bench clean
+.PHONY: install system-deps quickstart test soak bench gpu-wheels clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,14 @@ soak: install
 
 bench: install
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# Wheels of the dependencies the device machines' image lacks (Python 3.12 there), for bench/gpu_suite.sh.
+gpu-wheels:
+	rm -rf .wheels
+	pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+	    --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d .wheels \
+	    --platform any 'pydantic>=2.6,<3' 'soundfile>=0.12,<1' 'soxr>=0.3.7,<2'
+	pip download -q --no-deps --only-binary=:all: -d .wheels 'nnAudio>=0.3.3,<0.4'
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize()
 
     # warm-up (CUDA context, kernels) on a tiny slice so neither path pays it
-    warm = ProbeData(SplitFeatures(data.train.features[:256], torch.arange(256), data.train.labels[:256]),
+    n_warm = min(256, args.train)
+    warm = ProbeData(SplitFeatures(data.train.features[:n_warm], torch.arange(n_warm), data.train.labels[:n_warm]),
                      data.valid, None, data.vocabulary)
     train_probes(warm, specs[:2], settings.model_copy(update={"max_epochs": 1}), progress=False, evaluate_test=False)
     train_probe_reference(warm, specs[0], settings.model_copy(update={"max_epochs": 1}), evaluate_test=False)
