@@ -378,32 +378,22 @@ def _adam_step(stack: _ProbeStack, names: Sequence[str], lr_over_bc1: torch.Tens
 
 def _probe_inputs(
     x: torch.Tensor,
-    row_of_probe: torch.Tensor | None,
     single_layer: torch.Tensor,
     n_single: int,
     layer_logits: torch.Tensor,
     ws_layers: torch.Tensor,
 ) -> torch.Tensor:
-    """Input vectors of every probe.
+    """Input vectors [P, B, D] of every probe for evaluation chunks ``x`` [B, L, D] shared by all probes.
 
-    ``x`` is [S, B, L, D] with ``row_of_probe`` [P] selecting each probe's seed slice (training), or [B, L, D]
-    shared by all probes (evaluation, ``row_of_probe`` None). Probes 0..n_single-1 read one layer; the rest
-    a softmax-weighted sum over ``ws_layers``.
+    Probes 0..n_single-1 read one layer; the rest a softmax-weighted sum over ``ws_layers``. (Training batches,
+    which differ per seed, go through :func:`_training_inputs`.)
     """
     parts = []
     if n_single:
-        if row_of_probe is None:
-            parts.append(x[:, single_layer, :].transpose(0, 1))
-        else:
-            parts.append(x[row_of_probe[:n_single], :, single_layer, :])
-    n_weighted = layer_logits.shape[0] - n_single
-    if n_weighted:
+        parts.append(x[:, single_layer, :].transpose(0, 1))
+    if layer_logits.shape[0] > n_single:
         weights = torch.softmax(layer_logits[n_single:], dim=-1)
-        if row_of_probe is None:
-            parts.append(torch.einsum("pl,bld->pbd", weights, x[:, ws_layers, :]))
-        else:
-            xs = x[:, :, ws_layers, :][row_of_probe[n_single:]]
-            parts.append(torch.einsum("pl,pbld->pbd", weights, xs))
+        parts.append(torch.einsum("pl,bld->pbd", weights, x[:, ws_layers, :]))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
 
@@ -455,7 +445,7 @@ def _track_logits(
             t1 += 1
         c0, c1 = starts[t0], starts[t1]
         x = split.features[c0:c1].to(device, non_blocking=True)
-        logits = _forward(params, _probe_inputs(x, None, single_layer, n_single, params["layer_logits"], ws_layers), None)
+        logits = _forward(params, _probe_inputs(x, single_layer, n_single, params["layer_logits"], ws_layers), None)
         # Averaging matrix instead of index_add: deterministic on GPU as well.
         owner = split.chunk_track[c0:c1].to(device) - t0
         avg = torch.zeros(t1 - t0, c1 - c0, device=device)
