@@ -616,24 +616,28 @@ def read_export_metadata(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{meta_path}: invalid JSON ({exc})") from None
 
 
-def _verify_export_files(directory: Path, meta: Mapping[str, Any]) -> None:
-    for name, digest in meta.get("files", {}).items():
-        f = directory / name
-        if not f.is_file():
-            raise CheckpointError(f"{directory}: file {name} listed in {EXPORT_META} is missing")
-        if sha256_file(f) != digest:
-            raise CheckpointError(f"{directory}: checksum mismatch for {name} (corrupted or modified)")
-
-
-def _load_export(directory: Path, with_heads: bool, verify: bool) -> MertPretrainModel:
+def _open_export(
+    directory: Path, with_heads: bool, verify: bool
+) -> tuple[dict[str, Any], HubertConfig, HeadsConfig | None]:
+    """An export's metadata (files sha256-checked when ``verify``), backbone config and heads config."""
     meta = read_export_metadata(directory)
     if meta.get("format") != EXPORT_FORMAT:
         raise CheckpointError(f"{directory}: {EXPORT_META} is not a culturemert export")
     if verify:
-        _verify_export_files(directory, meta)
+        for name, digest in meta.get("files", {}).items():
+            f = directory / name
+            if not f.is_file():
+                raise CheckpointError(f"{directory}: file {name} listed in {EXPORT_META} is missing")
+            if sha256_file(f) != digest:
+                raise CheckpointError(f"{directory}: checksum mismatch for {name} (corrupted or modified)")
     config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     backbone_cfg = _hubert_config_from_hf(config, str(directory))
     heads_cfg = HeadsConfig(**meta["heads"]) if (with_heads and meta.get("heads")) else None
+    return meta, backbone_cfg, heads_cfg
+
+
+def _load_export(directory: Path, with_heads: bool, verify: bool) -> MertPretrainModel:
+    _, backbone_cfg, heads_cfg = _open_export(directory, with_heads, verify)
     model = MertPretrainModel(backbone_cfg, heads_cfg)
     _load_backbone_state(model, _read_weights(directory), str(directory))
     if heads_cfg is not None:
@@ -689,7 +693,7 @@ class LazySafetensors(Mapping[str, torch.Tensor]):
                 raise CheckpointError(f"{self.path}: tensor {name} has an invalid shape or offsets")
             if end > data_len:
                 raise CheckpointError(f"{self.path}: tensor {name} lies beyond the end of the file (truncated?)")
-            if math.prod(shape) * torch.empty(0, dtype=dtype).element_size() != end - start:
+            if math.prod(shape) * dtype.itemsize != end - start:
                 raise CheckpointError(f"{self.path}: tensor {name} spans {end - start} bytes, which its shape does not")
             self._entries[prefix + name] = (dtype, shape, start, end)
 
@@ -721,8 +725,8 @@ class _ChainedMapping(Mapping[str, torch.Tensor]):
 
     def __init__(self, *parts: Mapping[str, torch.Tensor], order: Iterable[str] = ()):
         owner = {name: part for part in parts for name in part}
-        ordered = [name for name in order if name in owner]
-        self._owner = {name: owner[name] for name in [*ordered, *(n for n in owner if n not in set(ordered))]}
+        self._owner = {name: owner[name] for name in order if name in owner}
+        self._owner.update((name, part) for name, part in owner.items() if name not in self._owner)
 
     def __contains__(self, name: object) -> bool:
         return name in self._owner
@@ -747,16 +751,8 @@ class LazyExport:
 
     def __init__(self, directory: str | Path, *, with_heads: bool = True, verify: bool = True):
         self.directory = Path(str(directory)).expanduser()
-        meta = read_export_metadata(self.directory)
-        if meta.get("format") != EXPORT_FORMAT:
-            raise CheckpointError(f"{self.directory}: {EXPORT_META} is not a culturemert export")
-        if verify:
-            _verify_export_files(self.directory, meta)
-        self.meta = meta
-        config = json.loads((self.directory / "config.json").read_text(encoding="utf-8"))
-        self.backbone_config = _hubert_config_from_hf(config, str(self.directory))
-        self.heads_config = HeadsConfig(**meta["heads"]) if (with_heads and meta.get("heads")) else None
-        self.fingerprint: str | None = meta.get("fingerprint")
+        self.meta, self.backbone_config, self.heads_config = _open_export(self.directory, with_heads, verify)
+        self.fingerprint: str | None = self.meta.get("fingerprint")
         self.parts = [LazySafetensors(self.directory / BACKBONE_FILE, "backbone.")]
         if self.heads_config is not None:
             self.parts.append(LazySafetensors(self.directory / HEADS_FILE, "heads."))

@@ -578,6 +578,9 @@ class _WithoutHeads(Mapping[str, torch.Tensor]):
             raise KeyError(name)
         return self._state[name]
 
+    def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor
+        return isinstance(name, str) and not name.startswith(HEADS_PREFIX) and name in self._state
+
     def __iter__(self):
         return iter(self._names)
 
