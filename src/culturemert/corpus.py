@@ -55,6 +55,7 @@ from culturemert.files import atomic_write_bytes
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "CorpusSettingsChanged",
     "ALL_CULTURES",
     "DEFAULT_CULTURES",
     "DEBIAN_SOUNDFONTS",
@@ -80,6 +81,10 @@ __all__ = [
     "scan_sources",
     "schedule_notes",
 ]
+
+class CorpusSettingsChanged(DataError):
+    """The output folder holds a corpus rendered with other settings (resume would mix two corpora)."""
+
 
 #: Bump when a change in this module changes the rendered audio for the same config (invalidates resume).
 RENDER_VERSION = 2  # 2: a fresh synthesiser per piece (1 let pieces depend on their predecessors)
@@ -794,9 +799,10 @@ class FluidSynthRenderer:
         )
         if self._write_float is None:  # pragma: no cover - every FluidSynth >= 1.0 has it
             raise ImportError("libfluidsynth lacks fluid_synth_write_float")
-        self._open().delete()  # fail here, not in the first piece, when the soundfont does not load
+        self._open()[0].delete()  # fail here, not in the first piece, when the soundfont does not load
 
-    def _open(self) -> Any:
+    def _open(self) -> tuple[Any, int]:
+        """A new synthesiser with the soundfont loaded, and the soundfont's id in it."""
         synth = self._fl.Synth(
             gain=0.5,
             samplerate=float(self.sample_rate),
@@ -804,11 +810,11 @@ class FluidSynthRenderer:
             **{"synth.reverb.active": 0, "synth.chorus.active": 0, "synth.polyphony": self.polyphony,
                "synth.cpu-cores": 1, "synth.dynamic-sample-loading": 1},
         )
-        self.sfid = synth.sfload(str(self.soundfont))
-        if self.sfid < 0:
+        sfid = synth.sfload(str(self.soundfont))
+        if sfid < 0:
             synth.delete()
             raise DataError(f"FluidSynth could not load soundfont {self.soundfont}")
-        return synth
+        return synth, sfid
 
     def _write(self, synth: Any, left: np.ndarray, right: np.ndarray, start: int, count: int) -> None:
         if count > 0:
@@ -817,15 +823,17 @@ class FluidSynthRenderer:
 
     def render(self, notes: Sequence[ScheduledNote], program: int, num_samples: int) -> np.ndarray:
         """Mono float32 audio of ``num_samples`` samples."""
-        synth = self._open()
+        synth, sfid = self._open()
         try:
-            return self._render(synth, notes, program, num_samples)
+            return self._render(synth, sfid, notes, program, num_samples)
         finally:
             synth.delete()
 
-    def _render(self, synth: Any, notes: Sequence[ScheduledNote], program: int, num_samples: int) -> np.ndarray:
+    def _render(
+        self, synth: Any, sfid: int, notes: Sequence[ScheduledNote], program: int, num_samples: int
+    ) -> np.ndarray:
         for channel in self._CHANNELS:
-            synth.program_select(channel, self.sfid, 0, program)
+            synth.program_select(channel, sfid, 0, program)
             # RPN 0 = pitch-bend range: +-2 semitones, explicitly (it is also the GM default)
             synth.cc(channel, 101, 0)
             synth.cc(channel, 100, 0)
@@ -1273,8 +1281,8 @@ def build_corpus(config: CorpusConfig, out_dir: str | os.PathLike, progress: boo
     previous = _load_json(build_marker)
     if previous is not None and previous != fingerprint and not overwrite:
         changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
-        raise DataError(f"{out} holds a corpus rendered with different settings ({', '.join(changed)}); "
-                        "use another --out directory or --overwrite")
+        raise CorpusSettingsChanged(f"{out} holds a corpus rendered with different settings ({', '.join(changed)}); "
+                                    "use another --out directory or --overwrite")
     if previous != fingerprint:
         if previous is not None:
             for stale in (out / "audio").rglob("*") if (out / "audio").is_dir() else []:

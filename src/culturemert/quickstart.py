@@ -246,7 +246,7 @@ def _fmt(mean: float, std: float | None) -> str:
 
 def run_quickstart(config: QuickstartConfig, out_dir: str | Path, progress: bool = True) -> Path:
     """Run everything into ``out_dir`` (resumable: finished steps are skipped on a re-run); returns the report."""
-    from culturemert.corpus import CorpusConfig, build_corpus
+    from culturemert.corpus import CorpusConfig, CorpusSettingsChanged, build_corpus
     from culturemert.data import prepare
     from culturemert.evaluate.pipeline import EvalConfig, evaluate
     from culturemert.evaluate.embed import EmbedSettings
@@ -279,9 +279,7 @@ def run_quickstart(config: QuickstartConfig, out_dir: str | Path, progress: bool
     )
     try:
         summary = build_corpus(corpus_cfg, out / "corpus", progress=progress)
-    except DataError as exc:
-        if "rendered with different settings" not in str(exc):
-            raise
+    except CorpusSettingsChanged as exc:
         # an output folder from another version or seed: every later stage was built from that corpus too
         raise DataError(f"{exc}. For the quickstart: pass another --out, or delete {out} to start over") from None
     corpus_csv = Path(summary.csv_path)
