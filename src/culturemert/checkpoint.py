@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from transformers import HubertConfig
 
 from culturemert.errors import CheckpointError
-from culturemert.files import atomic_write_bytes, atomic_write_text, fsync_dir as _fsync_dir, sha256_file
+from culturemert.files import atomic_write_bytes, atomic_write_text, fsync_dir as _fsync_dir, name_os_error, sha256_file
 from culturemert.model import HeadsConfig, MertPretrainModel
 
 log = logging.getLogger(__name__)
@@ -982,8 +982,7 @@ def save_export(
         _fsync_dir(out.parent)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.filename is None:
-            exc.filename = str(out)
+        name_os_error(exc, out)
         raise
     return out
 

@@ -16,7 +16,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["fsync_dir", "atomic_write", "atomic_write_bytes", "atomic_write_text", "save_npy_atomic", "sha256_file"]
+__all__ = [
+    "name_os_error", "fsync_dir", "atomic_write", "atomic_write_bytes", "atomic_write_text", "save_npy_atomic",
+    "sha256_file",
+]
+
+
+def name_os_error(exc: BaseException, path: str | os.PathLike) -> None:
+    """Attach ``path`` to an ``OSError`` raised without a file name (``write(2)`` on a full disk), so the CLI's
+    one-line storage error can say where."""
+    if isinstance(exc, OSError) and exc.filename is None:
+        exc.filename = str(path)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -57,8 +67,7 @@ def atomic_write(
             os.unlink(tmp)
         except OSError:
             pass
-        if isinstance(exc, OSError) and exc.filename is None:
-            exc.filename = str(path)
+        name_os_error(exc, path)
         raise
     fsync_dir(path.parent)
 

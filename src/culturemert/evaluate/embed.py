@@ -45,7 +45,7 @@ from pydantic import Field
 
 from culturemert.audio import TARGET_SAMPLE_RATE, load_audio
 from culturemert.config import StrictModel
-from culturemert.files import save_npy_atomic
+from culturemert.files import name_os_error, save_npy_atomic
 from culturemert.errors import ConfigError, DataError, UserError
 
 log = logging.getLogger(__name__)
@@ -273,8 +273,7 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
             fh.flush()
             os.fsync(fh.fileno())
     except OSError as exc:
-        if exc.filename is None:
-            exc.filename = str(path)
+        name_os_error(exc, path)
         raise
 
 
