@@ -20,9 +20,9 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> int:
-    from culturemert.evaluate.probe import (
-        ProbeData, ProbeSettings, SplitFeatures, make_specs, resolve_device, train_probe_reference, train_probes,
-    )
+    from culturemert.evaluate.features import ProbeData, SplitFeatures
+    from culturemert.evaluate.probe import ProbeSettings, make_specs, train_probe_reference, train_probes
+    from culturemert.runtime import resolve_device
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", type=int, default=15244)

@@ -16,11 +16,11 @@ from culturemert.evaluate.embed import (
     chunk_bounds,
     embed_dataset,
     embed_tracks,
-    load_probe_data,
     default_batch_size,
     normalize_waveform,
     tracks_from_paths,
 )
+from culturemert.evaluate.features import load_probe_data
 from culturemert.model import build_model
 
 SR = 24_000

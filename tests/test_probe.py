@@ -6,10 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from culturemert.evaluate.features import ProbeData, SplitFeatures
 from culturemert.evaluate.probe import (
-    ProbeData,
     ProbeSettings,
-    SplitFeatures,
     make_specs,
     results_digest,
     run_probe,
@@ -153,7 +152,7 @@ def test_track_scores_average_chunk_logits():
 
 def test_probe_cli_runs_from_config_and_rejects_unknown_keys(tmp_path):
     from culturemert.cli import main
-    from culturemert.evaluate.embed import _write_consolidated
+    from culturemert.evaluate.features import write_features
 
     data = _data(seed=5)
 
@@ -170,7 +169,7 @@ def test_probe_cli_runs_from_config_and_rejects_unknown_keys(tmp_path):
             arrays.append(rows)
             items.append(Item(len(items), split_name, [vocab[j] for j in range(len(vocab)) if sf.labels[t, j] > 0]))
     feats = tmp_path / "feats"
-    _write_consolidated(feats, arrays, items, vocab, {"dataset": "synthetic", "model": "m", "model_fingerprint": "x",
+    write_features(feats, arrays, items, vocab, {"dataset": "synthetic", "model": "m", "model_fingerprint": "x",
                                                      "num_layers": 3, "dim": 12})
     cfg = tmp_path / "probe.yaml"
     cfg.write_text(f"features: {feats}\nlrs: [1e-3]\nseeds: 2\nhidden: 8\nmax_epochs: 3\ndevice: cpu\n")

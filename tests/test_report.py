@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from culturemert.evaluate.probe import ProbeData, ProbeSettings, SplitFeatures, run_probe
+from culturemert.evaluate.features import ProbeData, SplitFeatures
+from culturemert.evaluate.probe import ProbeSettings, run_probe
 from culturemert.evaluate.report import load_runs, write_report
 
 

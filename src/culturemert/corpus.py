@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from culturemert.config import StrictModel
 from culturemert.errors import ConfigError, DataError
 from culturemert.files import atomic_write_bytes
+from culturemert.runtime import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -260,8 +261,7 @@ def _slug(text: str) -> str:
 
 
 def _stable_int(*parts: Any) -> int:
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "little")
+    return derive_seed(*parts, sep="\x1f", bits=64)
 
 
 def _rng(*parts: Any) -> np.random.Generator:

@@ -34,6 +34,7 @@ from torch import nn
 
 from culturemert.files import atomic_write_bytes
 from culturemert.errors import CheckpointError, ConfigError, DataError, UserError
+from culturemert.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -458,12 +459,6 @@ def _as_batch(wav: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 class _BatchedTeacher:
     """Shared batching logic: ``encode_many`` pads clips of similar length into batches for ``encode``."""
 
@@ -583,7 +578,7 @@ class EncodecTeacher(_BatchedTeacher):
             self.model.quantizer.get_num_quantizers_for_bandwidth(self.bandwidth), config.num_quantizers
         )
         self.codebook_size = int(config.codebook_size)
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         # measured (bench/teacher_tokenize.py): on CPU, batches make the 24 kHz convolutions cache-bound and
         # slower than one clip at a time; on a GPU batching is what keeps it busy
         if batch_size is None:
@@ -726,7 +721,7 @@ class KMeansTeacher(_BatchedTeacher):
         self.center_offset = int(center_offset)
         self.log_floor = float(log_floor)
         self.seed = int(seed)
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.batch_size = int(batch_size)
         self.path: Path | None = None
         self.n_frames_fitted = 0

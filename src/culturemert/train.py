@@ -45,6 +45,7 @@ from culturemert.files import atomic_write_text as _atomic_write_text, fsync_dir
 from culturemert.errors import CheckpointError, ConfigError, UserError
 from culturemert.model import HeadsConfig, MertPretrainModel, PretrainingHeads, build_model
 from culturemert.objective import MertObjective, ObjectiveConfig
+from culturemert.runtime import derive_seed, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -465,7 +466,7 @@ class PreparedSource:
 
         mix = stage.mixture or recipe.data.mixture
         spec = MixtureSpec(**mix.model_dump()) if mix is not None else None
-        seed = _derive_seed(recipe.seed, "data", stage_index)
+        seed = derive_seed(recipe.seed, "data", stage_index)
         self.loader = MixtureLoader(
             datasets,
             spec,
@@ -516,11 +517,6 @@ def _iterate(source: Any, start: int, stop: int) -> Iterator[Mapping[str, Any]]:
 # ======================================================================================================
 # small utilities
 # ======================================================================================================
-def _derive_seed(*parts: Any) -> int:
-    text = "/".join(str(p) for p in parts)
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & ((1 << 63) - 1)
-
-
 @dataclasses.dataclass
 class TrainState:
     """Everything besides tensors needed to continue a run exactly."""
@@ -797,16 +793,6 @@ class Trainer:
             raise ConfigError(f"--stage {only_stage}: the recipe has stages 1..{len(recipe.stages)}")
 
     # -- setup -------------------------------------------------------------------------------------------
-    def _device(self) -> torch.device:
-        want = self.recipe.runtime.device
-        if want == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("runtime.device: cuda requested but no CUDA device is available")
-        if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
-            return torch.device("cpu")
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-
     def _source(self, stage: StageSpec, index: int) -> Any:
         if self._source_factory is not None:
             return self._source_factory(self.recipe, stage, index)
@@ -819,12 +805,12 @@ class Trainer:
     def _build_model(self, n_codebooks: int, codebook_size: int) -> MertPretrainModel:
         base = self.recipe.base
         want = dict(n_codebooks=n_codebooks, codebook_size=codebook_size)
-        torch.manual_seed(_derive_seed(self.recipe.seed, "init"))
+        torch.manual_seed(derive_seed(self.recipe.seed, "init"))
         if base.preset is not None:
             overrides = dict(want)
             if base.final_dim:
                 overrides["final_dim"] = base.final_dim
-            return build_model(base.preset, seed=_derive_seed(self.recipe.seed, "init") % (2**31), **overrides)
+            return build_model(base.preset, seed=derive_seed(self.recipe.seed, "init") % (2**31), **overrides)
         from culturemert.checkpoint import load_model
 
         model = load_model(base.source)  # type: ignore[arg-type]
@@ -846,7 +832,7 @@ class Trainer:
             )
         if base.heads == "reinit" or heads is None:
             cfg = HeadsConfig(**want, **({"final_dim": base.final_dim} if base.final_dim else {}))
-            torch.manual_seed(_derive_seed(self.recipe.seed, "heads"))
+            torch.manual_seed(derive_seed(self.recipe.seed, "heads"))
             model.heads = PretrainingHeads(model.hidden_size, cfg)
             log.info("fresh pre-training heads: %s", cfg.model_dump())
         return model
@@ -1023,9 +1009,9 @@ class Trainer:
     def _train_step(self, batch: Mapping[str, Any], stage: StageSpec, step: int, lr: float) -> dict[str, Any]:
         """One optimizer step on the global batch; returns the logged record (``skipped`` set if skipped)."""
         recipe, dist_info = self.recipe, self.dist
-        torch.manual_seed(_derive_seed(recipe.seed, "torch", self.state.stage_index, step, dist_info.rank) % (2**63))
+        torch.manual_seed(derive_seed(recipe.seed, "torch", self.state.stage_index, step, dist_info.rank) % (2**63))
         generator = torch.Generator().manual_seed(
-            _derive_seed(recipe.seed, "objective", self.state.stage_index, step) % (2**63)
+            derive_seed(recipe.seed, "objective", self.state.stage_index, step) % (2**63)
         )
         wav = torch.as_tensor(np.asarray(batch["wav"]) if not torch.is_tensor(batch["wav"]) else batch["wav"]).float()
         codes = torch.as_tensor(np.asarray(batch["codes"]) if not torch.is_tensor(batch["codes"]) else batch["codes"]).long()
@@ -1229,7 +1215,7 @@ class Trainer:
 
     def run(self) -> Path | None:
         """Run (or continue) the recipe. Returns the final export dir, or None when stopped by ``max_steps``."""
-        self.device = self._device()
+        self.device = resolve_device(self.recipe.runtime.device, where="runtime.device")
         self.dist = init_distributed(self.device.type)
         recipe = self.recipe
         if self._source_factory is None:

@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,6 +46,8 @@ from culturemert.audio import TARGET_SAMPLE_RATE, load_audio
 from culturemert.config import StrictModel
 from culturemert.files import name_os_error, save_npy_atomic
 from culturemert.errors import ConfigError, DataError, UserError
+from culturemert.evaluate.features import write_features
+from culturemert.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,6 @@ __all__ = [
     "embed_tracks",
     "embed_dataset",
     "build_extractor",
-    "load_probe_data",
-    "read_features",
     "tracks_from_paths",
 ]
 
@@ -159,7 +158,6 @@ class MertExtractor:
     """All hidden states of a (culturemert/HF) MERT model, mean-pooled over time."""
 
     def __init__(self, model: Any, name: str, device: str = "auto", precision: str = "fp32", fingerprint: str | None = None):
-        from culturemert.evaluate.probe import resolve_device
 
         self.device = resolve_device(device)
         if precision == "bf16" and self.device.type != "cuda":
@@ -561,15 +559,6 @@ def tracks_from_paths(paths: Iterable[str | Path]) -> list[TrackInput]:
     return out
 
 
-def _label_row(tags: Iterable[str], vocabulary: Sequence[str]) -> np.ndarray:
-    index = {t: k for k, t in enumerate(vocabulary)}
-    row = np.zeros(len(vocabulary), dtype=np.uint8)
-    for tag in tags:
-        if tag in index:
-            row[index[tag]] = 1
-    return row
-
-
 def embed_dataset(
     extractor: Extractor,
     dataset: Any,
@@ -592,7 +581,7 @@ def embed_dataset(
     cache = FeatureCache(cache_root, extractor, settings)
     kept = [it for it in items if it.id in report.keys]
     arrays = [cache.load(report.keys[it.id]) for it in kept]
-    _write_consolidated(out_dir, arrays, kept, vocabulary, {
+    write_features(out_dir, arrays, kept, vocabulary, {
         "dataset": getattr(dataset, "name", out_dir.name),
         "model": extractor.name,
         "model_fingerprint": extractor.fingerprint,
@@ -605,85 +594,3 @@ def embed_dataset(
     return out_dir, report
 
 
-def _write_consolidated(out_dir: Path, arrays: list[np.ndarray], items: list[Any], vocabulary: list[str], meta: dict[str, Any]) -> None:
-    from culturemert.files import atomic_write_text
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if arrays:
-        n_layers, dim = arrays[0].shape[1:]
-    else:
-        n_layers, dim = meta["num_layers"], meta["dim"]
-    n_chunks = sum(a.shape[0] for a in arrays)
-    fd, tmp = tempfile.mkstemp(prefix=".features.npy.", suffix=".tmp", dir=out_dir)
-    os.close(fd)
-    try:
-        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_chunks, n_layers, dim))
-        pos = 0
-        for a in arrays:
-            mm[pos : pos + a.shape[0]] = a
-            pos += a.shape[0]
-        mm.flush()
-        del mm
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out_dir / "features.npy")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    chunk_track = np.concatenate([np.full(a.shape[0], t, dtype=np.int64) for t, a in enumerate(arrays)]) if arrays else np.zeros(0, np.int64)
-    save_npy_atomic(out_dir / "chunk_track.npy", chunk_track)
-    labels = np.stack([_label_row(it.tags, vocabulary) for it in items]) if items else np.zeros((0, len(vocabulary)), np.uint8)
-    save_npy_atomic(out_dir / "labels.npy", labels)
-    meta = {
-        **meta,
-        "format": CACHE_FORMAT,
-        "vocabulary": vocabulary,
-        "num_chunks": int(n_chunks),
-        "tracks": [{"id": it.id, "split": it.split} for it in items],
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    # meta.json last: readers check the arrays against it, so a crash in between is detected, not trusted
-    atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=1, ensure_ascii=False))
-
-
-def read_features(features_dir: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-    """(features [C, L, D] memory-mapped, chunk_track [C], labels [N, K], meta) of a consolidated folder."""
-    d = Path(features_dir)
-    meta_path = d / "meta.json"
-    if not meta_path.is_file():
-        raise DataError(f"{d}: no meta.json (not a features folder written by `culturemert embed`)")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    try:
-        features = np.load(d / "features.npy", mmap_mode="r", allow_pickle=False)
-        chunk_track = np.load(d / "chunk_track.npy", allow_pickle=False)
-        labels = np.load(d / "labels.npy", allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{d}: unreadable features ({exc}); re-run embed") from None
-    n_tracks = len(meta["tracks"])
-    if features.shape[0] != meta["num_chunks"] or chunk_track.shape[0] != meta["num_chunks"] or labels.shape[0] != n_tracks:
-        raise DataError(f"{d}: arrays do not match meta.json (interrupted write?); re-run embed")
-    return features, chunk_track, labels, meta
-
-
-def load_probe_data(features_dir: str | Path, *, require_test: bool = True, splits: Sequence[str] = ("train", "valid", "test")):
-    """Consolidated features -> :class:`~culturemert.evaluate.probe.ProbeData` (+ meta)."""
-    from culturemert.evaluate.probe import ProbeData, SplitFeatures
-
-    features, chunk_track, labels, meta = read_features(features_dir)
-    starts = np.concatenate([[0], np.cumsum(np.bincount(chunk_track, minlength=len(meta["tracks"])))])
-    parts: dict[str, SplitFeatures] = {}
-    for split in splits:
-        tracks = [t for t, info in enumerate(meta["tracks"]) if info["split"] == split]
-        if not tracks:
-            if split == "test" and not require_test:
-                continue
-            raise DataError(f"{features_dir}: no embedded tracks in the {split!r} split")
-        chunk_index = np.concatenate([np.arange(starts[t], starts[t + 1]) for t in tracks])
-        owner = np.concatenate([np.full(starts[t + 1] - starts[t], i) for i, t in enumerate(tracks)])
-        parts[split] = SplitFeatures(
-            torch.from_numpy(np.ascontiguousarray(features[chunk_index])),
-            torch.from_numpy(owner.astype(np.int64)),
-            torch.from_numpy(labels[tracks].astype(np.float32)),
-        )
-    data = ProbeData(parts["train"], parts["valid"], parts.get("test"), list(meta["vocabulary"]))
-    return data, meta

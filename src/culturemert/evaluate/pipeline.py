@@ -23,7 +23,8 @@ from typing import Any, Sequence
 from pydantic import Field
 
 from culturemert.config import StrictModel, load_config
-from culturemert.evaluate.embed import EmbedSettings, build_extractor, embed_dataset, load_probe_data
+from culturemert.evaluate.embed import EmbedSettings, build_extractor, embed_dataset
+from culturemert.evaluate.features import load_probe_data
 from culturemert.evaluate.probe import ProbeSettings, run_probe
 from culturemert.evaluate.report import load_runs, write_json_atomic, write_report
 

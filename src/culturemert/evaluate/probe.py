@@ -42,7 +42,9 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from culturemert.config import StrictModel, load_config
-from culturemert.errors import ConfigError, DataError
+from culturemert.errors import ConfigError
+from culturemert.evaluate.features import ProbeData, SplitFeatures, load_probe_data
+from culturemert.runtime import derive_seed, resolve_device
 from culturemert.evaluate.metrics import METRIC_NAMES, batched_macro_roc_auc, tagging_scores
 
 log = logging.getLogger(__name__)
@@ -52,8 +54,6 @@ __all__ = [
     "ProbeSettings",
     "ProbeConfig",
     "ProbeSpec",
-    "SplitFeatures",
-    "ProbeData",
     "ProbeOutcome",
     "make_specs",
     "train_probes",
@@ -61,7 +61,6 @@ __all__ = [
     "summarise",
     "run_probe",
     "run_probe_config",
-    "resolve_device",
 ]
 
 #: The MARBLE constrained-track learning-rate grid.
@@ -117,51 +116,6 @@ class ProbeConfig(ProbeSettings):
 # data
 
 
-@dataclass
-class SplitFeatures:
-    """Chunk features of one split, chunks grouped by track (track t owns chunks chunk_start[t]:chunk_start[t+1])."""
-
-    features: torch.Tensor  # [C, L, D] float32
-    chunk_track: torch.Tensor  # [C] int64, non-decreasing
-    labels: torch.Tensor  # [N, K] float32 track labels
-
-    def __post_init__(self) -> None:
-        if self.features.dim() != 3:
-            raise DataError(f"features must be [chunks, layers, dim], got {tuple(self.features.shape)}")
-        if self.chunk_track.shape[0] != self.features.shape[0]:
-            raise DataError("chunk_track and features disagree on the number of chunks")
-        if self.chunk_track.numel() and bool((self.chunk_track[1:] < self.chunk_track[:-1]).any()):
-            raise DataError("chunks must be grouped by track (chunk_track non-decreasing)")
-        counts = torch.bincount(self.chunk_track, minlength=self.labels.shape[0])
-        if counts.shape[0] != self.labels.shape[0] or bool((counts == 0).any()):
-            raise DataError("every track needs at least one chunk and chunk_track must index the label rows")
-        self.chunk_start = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
-
-    @property
-    def num_tracks(self) -> int:
-        return int(self.labels.shape[0])
-
-
-@dataclass
-class ProbeData:
-    train: SplitFeatures
-    valid: SplitFeatures
-    test: SplitFeatures | None = None
-    vocabulary: list[str] = field(default_factory=list)
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.train.features.shape[1])
-
-    @property
-    def dim(self) -> int:
-        return int(self.train.features.shape[2])
-
-    @property
-    def num_tags(self) -> int:
-        return int(self.train.labels.shape[1])
-
-
 @dataclass(frozen=True)
 class ProbeSpec:
     """One probe of the grid: ``layer`` is a hidden-state index or ``"weighted"``."""
@@ -195,25 +149,12 @@ def weighted_sum_layers(settings: ProbeSettings, num_layers: int) -> list[int]:
     return list(settings.weighted_sum_layers)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ConfigError(f"device: {exc}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available")
-    return dev
-
-
 # --------------------------------------------------------------------------------------------------------
 # per-seed randomness shared by the batched trainer and the reference
 
 
 def _derived_seed(seed: int, purpose: str) -> int:
-    digest = hashlib.sha256(f"culturemert-probe:{seed}:{purpose}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return derive_seed("culturemert-probe", seed, purpose, sep=":")
 
 
 def _initial_weights(seed: int, dim: int, hidden: int, num_tags: int, n_weighted: int) -> dict[str, torch.Tensor]:
@@ -818,7 +759,6 @@ def run_probe(
 
 def run_probe_config(config: ProbeConfig | str | Path, *, progress: bool = True) -> tuple[dict[str, Any], Path]:
     """``culturemert probe CONFIG``: load features, run the sweep, write ``results.json``; returns (results, path)."""
-    from culturemert.evaluate.embed import load_probe_data
     from culturemert.evaluate.report import write_json_atomic
 
     if not isinstance(config, ProbeConfig):
