@@ -22,6 +22,7 @@ from typing import Literal
 import numpy as np
 import soundfile as sf
 import soxr
+import torch
 
 from culturemert.errors import DataError
 
@@ -224,4 +225,27 @@ __all__ = [
     "decode_to_int16",
     "float_to_int16",
     "int16_to_float",
+    "mel_filterbank",
 ]
+
+
+def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float, f_max: float) -> torch.Tensor:
+    """Triangular HTK-mel filters ``[n_fft // 2 + 1, n_mels]`` (peak 1, no area normalisation), frequencies in Hz.
+
+    HTK mel scale m = 2595 log10(1 + f / 700) (Young et al., The HTK Book), ``n_mels`` filters with edges equally
+    spaced in mel between ``f_min`` and ``f_max``, evaluated at the ``n_fft // 2 + 1`` FFT bin centres. Used by the
+    k-means teacher's features and the log-mel baseline.
+    """
+
+    def hz_to_mel(hz: np.ndarray) -> np.ndarray:
+        return 2595.0 * np.log10(1.0 + hz / 700.0)
+
+    def mel_to_hz(mel: np.ndarray) -> np.ndarray:
+        return 700.0 * (10.0 ** (mel / 2595.0) - 1.0)
+
+    bin_freqs = np.linspace(0.0, sample_rate / 2, n_fft // 2 + 1)
+    edges = mel_to_hz(np.linspace(hz_to_mel(np.array(f_min)), hz_to_mel(np.array(f_max)), n_mels + 2))
+    lower, centre, upper = edges[:-2], edges[1:-1], edges[2:]
+    rising = (bin_freqs[:, None] - lower) / (centre - lower)
+    falling = (upper - bin_freqs[:, None]) / (upper - centre)
+    return torch.from_numpy(np.clip(np.minimum(rising, falling), 0.0, None).astype(np.float32))

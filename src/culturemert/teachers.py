@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from culturemert.audio import mel_filterbank
 from culturemert.files import atomic_write_bytes
 from culturemert.errors import CheckpointError, ConfigError, DataError, UserError
 from culturemert.runtime import resolve_device
@@ -656,23 +657,6 @@ def _load_encodec(model: str | os.PathLike | Any) -> tuple[Any, str]:
         ) from exc
 
 
-def _mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float, f_max: float) -> torch.Tensor:
-    """Triangular HTK-mel filters ``[n_fft // 2 + 1, n_mels]`` (peak 1, no area normalisation)."""
-
-    def hz_to_mel(hz: np.ndarray) -> np.ndarray:
-        return 2595.0 * np.log10(1.0 + hz / 700.0)
-
-    def mel_to_hz(mel: np.ndarray) -> np.ndarray:
-        return 700.0 * (10.0 ** (mel / 2595.0) - 1.0)
-
-    bin_freqs = np.linspace(0.0, sample_rate / 2, n_fft // 2 + 1)
-    edges = mel_to_hz(np.linspace(hz_to_mel(np.array(f_min)), hz_to_mel(np.array(f_max)), n_mels + 2))
-    lower, centre, upper = edges[:-2], edges[1:-1], edges[2:]
-    rising = (bin_freqs[:, None] - lower) / (centre - lower)
-    falling = (upper - bin_freqs[:, None]) / (upper - centre)
-    return torch.from_numpy(np.clip(np.minimum(rising, falling), 0.0, None).astype(np.float32))
-
-
 class KMeansTeacher(_BatchedTeacher):
     """Residual k-means codes of standardised log-mel frames on the 75 Hz label grid (needs no weights).
 
@@ -725,7 +709,7 @@ class KMeansTeacher(_BatchedTeacher):
         self.batch_size = int(batch_size)
         self.path: Path | None = None
         self.n_frames_fitted = 0
-        self._mel = _mel_filterbank(SAMPLE_RATE, self.n_fft, self.n_mels, self.f_min, self.f_max)
+        self._mel = mel_filterbank(SAMPLE_RATE, self.n_fft, self.n_mels, self.f_min, self.f_max)
         self._window = torch.hann_window(self.n_fft, periodic=True)
         self.centroids: np.ndarray | None = None  # float32 [n_codebooks, codebook_size, n_mels]
         self.mean: np.ndarray | None = None  # float32 [n_mels]

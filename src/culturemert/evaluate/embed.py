@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from culturemert.audio import TARGET_SAMPLE_RATE, load_audio
+from culturemert.audio import TARGET_SAMPLE_RATE, load_audio, mel_filterbank
 from culturemert.config import StrictModel
 from culturemert.files import name_os_error, save_npy_atomic
 from culturemert.errors import ConfigError, DataError, UserError
@@ -191,23 +191,6 @@ class MertExtractor:
         return pooled.cpu(), (hidden.cpu() if with_frames else None)
 
 
-def _mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -> torch.Tensor:
-    """HTK-scale triangular filters, [n_fft//2+1, n_mels] (unnormalised peaks of 1)."""
-
-    def hz_to_mel(f):
-        return 2595.0 * np.log10(1.0 + np.asarray(f) / 700.0)
-
-    def mel_to_hz(m):
-        return 700.0 * (10.0 ** (np.asarray(m) / 2595.0) - 1.0)
-
-    freqs = np.linspace(0, sample_rate / 2, n_fft // 2 + 1)
-    edges = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2))
-    lower, centre, upper = edges[:-2], edges[1:-1], edges[2:]
-    up = (freqs[:, None] - lower[None]) / (centre - lower)[None]
-    down = (upper[None] - freqs[:, None]) / (upper - centre)[None]
-    return torch.from_numpy(np.clip(np.minimum(up, down), 0, None).astype(np.float32))
-
-
 class LogMelExtractor:
     """Baseline features: mean and std over time of a 128-bin log-mel spectrogram (one "layer", 256-d)."""
 
@@ -221,7 +204,7 @@ class LogMelExtractor:
         self.num_layers = 1
         self.dim = 2 * self.N_MELS
         self.min_samples = 1
-        self.mel = _mel_filterbank(sample_rate, self.N_FFT, self.N_MELS, self.FMIN, sample_rate / 2)
+        self.mel = mel_filterbank(sample_rate, self.N_FFT, self.N_MELS, self.FMIN, sample_rate / 2)
         self.window = torch.hann_window(self.N_FFT)
         self.calls = 0
 
