@@ -5,7 +5,7 @@ then measures, each in a fresh subprocess so that every peak RSS is clean:
 
 * ``naive``: load all five state dicts, materialise every task vector as a full state dict, sum them;
 * ``streaming-eager``: load all five state dicts, then ``culturemert.merge.merge_state_dicts`` (tensor by tensor);
-* ``streaming-lazy``: ``merge_state_dicts`` over ``culturemert.checkpoint.LazySafetensors`` mappings that read one
+* ``streaming-lazy``: ``merge_state_dicts`` over ``culturemert.model.LazySafetensors`` mappings that read one
   tensor from disk on access, so only the output plus one tensor per input is resident. This is what
   ``culturemert merge`` does when every input is a culturemert export.
 
@@ -78,7 +78,7 @@ def write_exports(paths: list[Path]) -> list[Path]:
     """The same weights as culturemert export directories (what `culturemert merge` reads), heads-free."""
     from safetensors.torch import load_file
 
-    from culturemert.checkpoint import model_fingerprint, save_export
+    from culturemert.model import model_fingerprint, save_export
     from culturemert.model import build_model
 
     model = build_model("mert-v1-95m", with_heads=False, seed=0)
@@ -123,7 +123,7 @@ def _checksum(state: Mapping[str, torch.Tensor]) -> float:
 def worker(approach: str, paths: list[Path], threads: int) -> dict:
     from safetensors.torch import load_file
 
-    from culturemert.checkpoint import LazySafetensors
+    from culturemert.model import LazySafetensors
     from culturemert.merge import merge_state_dicts
 
     torch.set_num_threads(threads)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import sys
 import types
 from pathlib import Path
@@ -14,14 +13,14 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModel
 
-from culturemert.checkpoint import (
+from culturemert.model import (
     culturemert_to_fairseq_state_dict,
     load_model,
     model_fingerprint,
     read_export_metadata,
-    restricted_torch_load,
     save_export,
 )
+from culturemert.safe_pickle import restricted_torch_load
 from culturemert.cli import main as cli_main
 from culturemert.errors import CheckpointError
 from culturemert.model import build_model

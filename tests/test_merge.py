@@ -387,7 +387,7 @@ def _tiny_exports(tmp_path: Path, n: int = 2, heads: tuple[bool, ...] | None = N
     """A tiny base export and ``n`` exports derived from it (small perturbations, base fingerprint recorded)."""
     import copy
 
-    from culturemert.checkpoint import model_fingerprint, save_export
+    from culturemert.model import model_fingerprint, save_export
     from culturemert.model import build_model
 
     base = build_model("tiny", seed=0)
@@ -412,7 +412,7 @@ def test_cli_merge_end_to_end_matches_state_dict_merge(tmp_path: Path, monkeypat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import transformers
 
-    from culturemert.checkpoint import load_model, model_fingerprint, read_export_metadata
+    from culturemert.model import load_model, model_fingerprint, read_export_metadata
     from culturemert.cli import main
 
     base_dir, model_dirs, _ = _tiny_exports(tmp_path, n=2)
@@ -450,7 +450,7 @@ def test_cli_merge_end_to_end_matches_state_dict_merge(tmp_path: Path, monkeypat
 
 
 def test_cli_rejects_recorded_different_base(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from culturemert.checkpoint import save_export
+    from culturemert.model import save_export
     from culturemert.cli import main
     from culturemert.model import build_model
 
@@ -468,7 +468,7 @@ def test_cli_rejects_recorded_different_base(tmp_path: Path, capsys: pytest.Capt
 
 
 def test_heads_are_dropped_when_an_input_lacks_them(tmp_path: Path) -> None:
-    from culturemert.checkpoint import load_model
+    from culturemert.model import load_model
     from culturemert.merge import merge_models
 
     base_dir, model_dirs, _ = _tiny_exports(tmp_path, n=2, heads=(True, False))
@@ -478,7 +478,7 @@ def test_heads_are_dropped_when_an_input_lacks_them(tmp_path: Path) -> None:
 
 
 def test_sweep_on_tiny_models_with_injected_evaluator(tmp_path: Path) -> None:
-    from culturemert.checkpoint import load_model
+    from culturemert.model import load_model
     from culturemert.merge import sweep_merge
 
     base_dir, model_dirs, base = _tiny_exports(tmp_path, n=2)
@@ -535,13 +535,13 @@ def test_cli_sweep_uses_evaluate_on_validation(tmp_path: Path, monkeypatch: pyte
     # Means: 0.2 -> 0.6, 0.4 -> 0.9, 0.6 -> 0.9, 0.8 -> 0.6: a tie between 0.4 and 0.6 goes to the smaller λ.
     assert selection["selected_lambda"] == 0.4 and selection["options"]["mean"] is True
     assert "selected λ=0.4" in capsys.readouterr().out
-    from culturemert.checkpoint import read_export_metadata
+    from culturemert.model import read_export_metadata
 
     assert read_export_metadata(out / "selected")["card"]["merge"]["lambdas"] == [0.2, 0.2]  # 0.4 / 2 models
 
 
 def test_cli_linear_without_base(tmp_path: Path) -> None:
-    from culturemert.checkpoint import load_model
+    from culturemert.model import load_model
     from culturemert.cli import main
 
     _, model_dirs, _ = _tiny_exports(tmp_path, n=2)
@@ -552,7 +552,7 @@ def test_cli_linear_without_base(tmp_path: Path) -> None:
     name = "backbone.encoder.layers.0.attention.q_proj.weight"
     expected = (0.25 * a.state_dict()[name].double() + 0.75 * b.state_dict()[name].double()).float()
     assert torch.equal(merged.state_dict()[name], expected)
-    from culturemert.checkpoint import model_fingerprint, read_export_metadata
+    from culturemert.model import model_fingerprint, read_export_metadata
 
     # No base given: the inputs agree on the base they record, so the average inherits it.
     assert read_export_metadata(out)["base_fingerprint"] == read_export_metadata(model_dirs[0])["base_fingerprint"]
@@ -566,7 +566,7 @@ def test_cli_linear_without_base(tmp_path: Path) -> None:
      ("dare_ties", True, {"drop_rate": 0.5, "seed": 3}), ("linear", False, {})],
 )
 def test_lazy_export_inputs_merge_exactly_like_loaded_models(tmp_path: Path, method: str, base_given: bool, kwargs: dict) -> None:
-    from culturemert.checkpoint import load_model
+    from culturemert.model import load_model
     from culturemert.merge import load_inputs, merge_loaded, open_inputs_lazily
 
     base_dir, model_dirs, _ = _tiny_exports(tmp_path, n=3)
@@ -586,7 +586,7 @@ def test_lazy_export_inputs_merge_exactly_like_loaded_models(tmp_path: Path, met
 def test_lazy_safetensors_reads_exactly_and_reports_damage(tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    from culturemert.checkpoint import LazySafetensors
+    from culturemert.model import LazySafetensors
     from culturemert.errors import CheckpointError
 
     tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "c": torch.randn(4).to(torch.bfloat16)}
@@ -622,7 +622,7 @@ def test_lazy_merge_refuses_a_modified_export(tmp_path: Path) -> None:
 def test_lazy_path_is_taken_only_when_it_equals_loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
-    from culturemert.checkpoint import can_open_lazily, load_model, model_fingerprint, save_export
+    from culturemert.model import can_open_lazily, load_model, model_fingerprint, save_export
     from culturemert.merge import merge_models
 
     base_dir, model_dirs, _ = _tiny_exports(tmp_path, n=2)
@@ -654,7 +654,7 @@ def test_lazy_path_is_taken_only_when_it_equals_loading(tmp_path: Path, monkeypa
     ],
 )
 def test_lazy_safetensors_rejects_hostile_headers_before_reading(tmp_path: Path, header: object, message: str) -> None:
-    from culturemert.checkpoint import LazySafetensors
+    from culturemert.model import LazySafetensors
     from culturemert.errors import CheckpointError
 
     raw = json.dumps(header).encode()

@@ -328,7 +328,6 @@ def no_compute(monkeypatch):
     def boom(*a, **k):
         raise _ComputeStarted
 
-    import culturemert.checkpoint as checkpoint
     import culturemert.data as data
     import culturemert.evaluate.embed as embed
     # modules that bind these functions by name at import: import them first (with the real functions) and
@@ -453,19 +452,19 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path, reference_run, monkeypat
 
 
 def test_disk_full_while_writing_an_export_keeps_the_old_export(tmp_path, monkeypatch):
-    import culturemert.checkpoint as checkpoint
-    from culturemert.model import build_model
+    import culturemert.model.export as export
+    from culturemert.model import build_model, load_model
 
-    old = checkpoint.save_export(build_model("tiny", seed=0), tmp_path / "export")
+    old = export.save_export(build_model("tiny", seed=0), tmp_path / "export")
     before = _tree(old)
     monkeypatch.setattr(
-        checkpoint, "save_file", _enospc_after(checkpoint.save_file, lambda n: n.endswith("pretraining_heads.safetensors"))
+        export, "save_file", _enospc_after(export.save_file, lambda n: n.endswith("pretraining_heads.safetensors"))
     )
     with pytest.raises(OSError) as info:
-        checkpoint.save_export(build_model("tiny", seed=1), tmp_path / "export")
+        export.save_export(build_model("tiny", seed=1), tmp_path / "export")
     assert info.value.errno == errno.ENOSPC
     assert _tree(tmp_path / "export") == before and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
-    checkpoint.load_model(tmp_path / "export")  # checksums still verify
+    load_model(tmp_path / "export")  # checksums still verify
 
 
 def _prepare_corpus(root: Path, n: int = 4) -> Path:
@@ -698,7 +697,7 @@ def test_prepare_is_byte_identical_across_runs_and_worker_counts(tmp_path):
 
 
 def test_merge_is_byte_identical_for_the_same_seed_and_differs_for_another(tmp_path):
-    from culturemert.checkpoint import save_export
+    from culturemert.model import save_export
     from culturemert.cli import main
     from culturemert.model import build_model
 

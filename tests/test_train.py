@@ -205,7 +205,7 @@ def test_tiny_model_learns_the_synthetic_codes_and_writes_logs(tmp_path):
         assert key in recs[-1]
     assert (tmp_path / "loss_curve.png").stat().st_size > 1000
     card = json.loads((tmp_path / "exports" / "final" / "culturemert.json").read_text())
-    from culturemert.checkpoint import model_fingerprint
+    from culturemert.model import model_fingerprint
 
     assert card["card"]["base_fingerprint"] == model_fingerprint(base_model) == card["base_fingerprint"]
     assert card["card"]["steps"] == 153 and [s["name"] for s in card["card"]["stages"]] == ["input", "full"]
@@ -213,7 +213,7 @@ def test_tiny_model_learns_the_synthetic_codes_and_writes_logs(tmp_path):
 
 def test_frozen_groups_stay_bit_identical_in_the_input_stage(tmp_path):
     Trainer(tiny_recipe(**{"stages": tiny_recipe().model_dump()["stages"][:1]}), tmp_path, source_factory=factory()).run()
-    from culturemert.checkpoint import load_model
+    from culturemert.model import load_model
 
     base = Trainer(tiny_recipe(), tmp_path / "x", source_factory=factory())
     base_model = base._build_model(2, 16)

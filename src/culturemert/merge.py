@@ -467,7 +467,7 @@ def _recorded_base_fingerprint(source: str) -> str | None:
     path = Path(source)
     if not path.is_dir():
         return None
-    from culturemert.checkpoint import read_export_metadata
+    from culturemert.model import read_export_metadata
 
     meta = read_export_metadata(path)  # {} for a plain HF directory: nothing recorded
     value = meta.get("base_fingerprint") if isinstance(meta, Mapping) else None
@@ -498,13 +498,13 @@ def _heads_merged(base_has_heads: bool, inputs_have_heads: Sequence[bool]) -> bo
 def load_inputs(
     base_source: str | Path | None, model_sources: Sequence[str | Path], *, allow_unrelated: bool = False
 ) -> LoadedInputs:
-    """Load base and inputs with ``culturemert.checkpoint.load_model`` and check recorded base fingerprints.
+    """Load base and inputs with ``culturemert.model.load_model`` and check recorded base fingerprints.
 
     ``base_source=None`` is for linear averaging only: the first model then serves as the output's template.
     """
     import copy
 
-    from culturemert.checkpoint import load_model, model_fingerprint
+    from culturemert.model import load_model, model_fingerprint
 
     if not model_sources:
         raise UserError("merge needs at least one model (--models)")
@@ -542,7 +542,7 @@ def open_inputs_lazily(
     tensor per input at a time, so its peak memory is about the output model instead of n + 2 models. Every
     file's sha256 is checked against the export record first (that is what makes the recorded fingerprints
     trustworthy)."""
-    from culturemert.checkpoint import LazyExport
+    from culturemert.model import LazyExport
 
     if not model_sources:
         raise UserError("merge needs at least one model (--models)")
@@ -600,7 +600,7 @@ def merge_loaded(
     card_extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Merge opened inputs and write an export to ``out_dir``; returns the merge record of the card."""
-    from culturemert.checkpoint import model_fingerprint, save_export
+    from culturemert.model import model_fingerprint, save_export
 
     with_heads = inputs.heads_merged
     merged, report = merge_with_report(
@@ -677,7 +677,7 @@ def merge_models(
     ``base_source`` may be None for ``linear`` only. The backbone is always merged; the pre-training heads are merged when every input and the base have them (and
     the scope includes them), otherwise the output has no heads. Returns the merge record stored in the card.
     """
-    from culturemert.checkpoint import can_open_lazily
+    from culturemert.model import can_open_lazily
 
     opts = _options_from(options, **option_kwargs)
     sources = ([base_source] if base_source is not None else []) + list(model_sources)

@@ -178,7 +178,7 @@ def heldout_masked_loss(
     This is the SSL-side signal that feasibility.md found CPT to move at toy scale: it says whether a model
     adapted its pre-training objective to a culture's music, independently of any probe.
     """
-    from culturemert.checkpoint import load_model
+    from culturemert.model import load_model
     from culturemert.data import MixtureLoader, MixtureSpec
     from culturemert.objective import MertObjective, ObjectiveConfig
     from culturemert.teachers import MertCQT

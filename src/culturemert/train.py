@@ -811,7 +811,7 @@ class Trainer:
             if base.final_dim:
                 overrides["final_dim"] = base.final_dim
             return build_model(base.preset, seed=derive_seed(self.recipe.seed, "init") % (2**31), **overrides)
-        from culturemert.checkpoint import load_model
+        from culturemert.model import load_model
 
         model = load_model(base.source)  # type: ignore[arg-type]
         heads = model.heads
@@ -1148,7 +1148,7 @@ class Trainer:
         self.micro_batch = stage.batch.micro_batch_clips or per_rank
 
     def _export(self, index: int, final: bool = False) -> Path:
-        from culturemert.checkpoint import save_export
+        from culturemert.model import save_export
 
         stage = self.recipe.stages[index]
         name = "final" if final else f"stage-{index + 1}-{stage.name}"
@@ -1174,7 +1174,7 @@ class Trainer:
         return target
 
     def _export_is_current(self, index: int) -> bool:
-        from culturemert.checkpoint import model_fingerprint
+        from culturemert.model import model_fingerprint
 
         meta = self.out / "exports" / f"stage-{index + 1}-{self.recipe.stages[index].name}" / "culturemert.json"
         try:
@@ -1242,7 +1242,7 @@ class Trainer:
         _barrier(self.dist)
 
         self.model = self._build_model(self.n_codebooks, self.codebook_size)
-        from culturemert.checkpoint import model_fingerprint
+        from culturemert.model import model_fingerprint
 
         self.state = TrainState(base_fingerprint=model_fingerprint(self.model))
         self._pending_optimizer: tuple[dict, dict] | None = None

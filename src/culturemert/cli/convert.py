@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from culturemert.checkpoint import export_bytes_summary, load_model, model_fingerprint, save_export
+from culturemert.model import export_bytes_summary, load_model, model_fingerprint, save_export
 
 log = logging.getLogger(__name__)
 

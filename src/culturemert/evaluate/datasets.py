@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import inspect
-import io
 import json
 import logging
 import math
@@ -41,6 +40,7 @@ from pydantic import Field, field_validator
 from culturemert.files import atomic_write_text
 from culturemert.config import StrictModel
 from culturemert.errors import ConfigError, DataError
+from culturemert.safe_pickle import RestrictedUnpickler
 
 logger = logging.getLogger(__name__)
 
@@ -330,36 +330,6 @@ def _require_dir(path: str | Path, what: str) -> Path:
     return path
 
 
-def _numpy_reconstruct() -> Callable[..., Any]:
-    try:
-        from numpy._core.multiarray import _reconstruct  # numpy >= 2
-    except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import _reconstruct
-    return _reconstruct
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only the globals in ``allowed``; every other global is refused before it can be called."""
-
-    def __init__(self, file: io.BufferedIOBase, allowed: Mapping[tuple[str, str], Callable[[], Any]], **kw: Any):
-        super().__init__(file, **kw)
-        self._allowed = allowed
-
-    def find_class(self, module: str, name: str) -> Any:
-        factory = self._allowed.get((module, name))
-        if factory is None:
-            raise pickle.UnpicklingError(f"refused global {module}.{name}: only numpy arrays and builtin data")
-        return factory()
-
-
-_NUMPY_GLOBALS: dict[tuple[str, str], Callable[[], Any]] = {
-    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
-    ("numpy", "ndarray"): lambda: np.ndarray,
-    ("numpy", "dtype"): lambda: np.dtype,
-}
-
-
 def read_pickled_npy(path: str | Path) -> Any:
     """Read a ``.npy`` holding a pickled object array (e.g. ccml's ``metadata.npy``) without running code.
 
@@ -381,7 +351,7 @@ def read_pickled_npy(path: str | Path) -> Any:
             fh.seek(0)
             return np.load(fh, allow_pickle=False)
         try:
-            array = _RestrictedUnpickler(fh, _NUMPY_GLOBALS, encoding="latin1").load()
+            array = RestrictedUnpickler(fh, policy="data", encoding="latin1").load()
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
             raise DataError(f"{path}: refused or unreadable pickle: {exc}") from None
     if not isinstance(array, np.ndarray) or array.shape != tuple(shape):
@@ -394,7 +364,7 @@ def read_legacy_pickle(path: str | Path) -> Any:
     path = _require_file(path, "pickle file")
     with path.open("rb") as fh:
         try:
-            return _RestrictedUnpickler(fh, {}, encoding="latin1").load()
+            return RestrictedUnpickler(fh, policy="builtins", encoding="latin1").load()
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
             raise DataError(f"{path}: refused or unreadable pickle: {exc}") from None
 

@@ -164,7 +164,7 @@ class MertExtractor:
             raise ConfigError("precision bf16 needs a CUDA device (use fp32 on CPU)")
         self.precision = precision
         if fingerprint is None:
-            from culturemert.checkpoint import model_fingerprint
+            from culturemert.model import model_fingerprint
             from culturemert.model import MertPretrainModel
 
             # wrappers exposing ``.backbone`` are fingerprinted by their backbone weights, as models are
@@ -223,7 +223,7 @@ class LogMelExtractor:
 
 def build_extractor(model: str | Any, settings: EmbedSettings, name: str | None = None) -> Extractor:
     """``baseline:logmel``, ``preset:<name>[:seed]`` (random init, for tests/quickstart), a checkpoint source
-    understood by :func:`culturemert.checkpoint.load_model`, or an already built model object."""
+    understood by :func:`culturemert.model.load_model`, or an already built model object."""
     if isinstance(model, str):
         if model == LOGMEL_NAME:
             return LogMelExtractor(settings.sample_rate)
@@ -233,7 +233,7 @@ def build_extractor(model: str | Any, settings: EmbedSettings, name: str | None 
             parts = model.split(":")
             seed = int(parts[2]) if len(parts) > 2 else 0
             return MertExtractor(build_model(parts[1], with_heads=False, seed=seed), name or model, settings.device, settings.precision)
-        from culturemert.checkpoint import load_model
+        from culturemert.model import load_model
 
         return MertExtractor(load_model(model, with_heads=False), name or model, settings.device, settings.precision)
     return MertExtractor(model, name or type(model).__name__, settings.device, settings.precision)

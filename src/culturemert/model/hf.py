@@ -1,0 +1,59 @@
+"""Reading HF MERT directories (``config.json`` + ``model.safetensors``/``pytorch_model.bin``) and Hub ids."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+
+from culturemert.errors import CheckpointError
+from culturemert.model.mert import MertPretrainModel
+from culturemert.model.export import EXPORT_META
+from culturemert.model.weights import hubert_config_from_hf, load_backbone_state, read_weights
+
+log = logging.getLogger(__name__)
+
+
+def load_hf_dir(directory: Path) -> MertPretrainModel:
+    config_path = directory / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{config_path}: cannot read config ({exc})") from None
+    model = MertPretrainModel(hubert_config_from_hf(config, str(directory)), None)
+    missing = load_backbone_state(model, read_weights(directory), str(directory))
+    model.load_report = {"format": f"hf:{config.get('model_type', 'hubert')}", "unused_keys": [],
+                         "missing_keys": missing, "has_heads": False}
+    model.eval()
+    return model
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(::[\w./-]+)?$")
+
+
+def download_from_hub(source: str) -> Path:
+    repo_id, _, filename = source.partition("::")
+    try:
+        from huggingface_hub import hf_hub_download, snapshot_download
+    except ImportError as exc:  # pragma: no cover - dependency of transformers
+        raise CheckpointError(f"huggingface_hub is required to fetch {source!r}") from exc
+    try:
+        if filename:
+            return Path(hf_hub_download(repo_id, filename))
+        return Path(
+            snapshot_download(
+                repo_id,
+                allow_patterns=["config.json", "*.safetensors", "pytorch_model.bin", "preprocessor_config.json",
+                                EXPORT_META, "README.md"],
+            )
+        )
+    except Exception as exc:  # offline mode, missing repo, network errors: all surface the same way
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (HF_HUB_OFFLINE=1 and it is not in the local cache)" if offline else ""
+        raise CheckpointError(
+            f"cannot fetch {source!r} from the Hugging Face Hub{hint}: {type(exc).__name__}: {exc}. "
+            "Download it on a connected machine (huggingface-cli download) and pass the local directory."
+        ) from None
