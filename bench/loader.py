@@ -23,8 +23,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from culturemert.audio import TARGET_SAMPLE_RATE
-from culturemert.data import HOP_SAMPLES, MixtureLoader, prepare, torch_loader
+from culturemert.label_grid import HOP_LENGTH, SAMPLE_RATE
+from culturemert.data import MixtureLoader, prepare, torch_loader
 
 CROP = 120_000
 
@@ -36,15 +36,15 @@ class FrameSumTeacher:
     n_codebooks = 8
     codebook_size = 1024
     frame_rate = 75.0
-    sample_rate = TARGET_SAMPLE_RATE
+    sample_rate = SAMPLE_RATE
 
     def encode(self, wav):
         wav = np.asarray(wav, dtype=np.float32)
         B, L = wav.shape
-        T = -(-L // HOP_SAMPLES)
-        padded = np.zeros((B, T * HOP_SAMPLES), np.int64)
+        T = -(-L // HOP_LENGTH)
+        padded = np.zeros((B, T * HOP_LENGTH), np.int64)
         padded[:, :L] = np.rint(wav * 32768)
-        sums = padded.reshape(B, T, HOP_SAMPLES).sum(axis=2)
+        sums = padded.reshape(B, T, HOP_LENGTH).sum(axis=2)
         return np.stack([(sums // (3 + k)) % 1024 for k in range(8)], axis=1).astype(np.int16)
 
     def state(self):
@@ -68,17 +68,17 @@ def make_corpus(root: Path, n_files: int, seconds: float) -> Path:
 
 def decode_seek(path: Path, rng: np.random.Generator) -> np.ndarray:
     with sf.SoundFile(str(path)) as f:
-        need = int(np.ceil(CROP * f.samplerate / TARGET_SAMPLE_RATE))
+        need = int(np.ceil(CROP * f.samplerate / SAMPLE_RATE))
         start = int(rng.integers(0, max(1, f.frames - need)))
         f.seek(start)
         x = f.read(need, dtype="float32", always_2d=True).mean(axis=1)
         sr = f.samplerate
-    return soxr.resample(x, sr, TARGET_SAMPLE_RATE, quality="HQ")[:CROP]
+    return soxr.resample(x, sr, SAMPLE_RATE, quality="HQ")[:CROP]
 
 
 def decode_whole(path: Path, rng: np.random.Generator) -> np.ndarray:
     x, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    y = soxr.resample(x.mean(axis=1), sr, TARGET_SAMPLE_RATE, quality="HQ")
+    y = soxr.resample(x.mean(axis=1), sr, SAMPLE_RATE, quality="HQ")
     start = int(rng.integers(0, max(1, y.size - CROP)))
     return y[start : start + CROP]
 

@@ -16,8 +16,8 @@ import pytest
 import soundfile as sf
 
 from culturemert.audio import float_to_int16, load_audio
+from culturemert.label_grid import HOP_LENGTH
 from culturemert.data import (
-    HOP_SAMPLES,
     PAD_CODE,
     MixtureLoader,
     MixtureSpec,
@@ -47,10 +47,10 @@ class FrameTeacher:
     def encode(self, wav):
         wav = np.asarray(wav, dtype=np.float32)
         B, L = wav.shape
-        T = -(-L // HOP_SAMPLES)
-        padded = np.zeros((B, T * HOP_SAMPLES), np.int64)
+        T = -(-L // HOP_LENGTH)
+        padded = np.zeros((B, T * HOP_LENGTH), np.int64)
         padded[:, :L] = np.rint(wav * 32768).astype(np.int64)
-        sums = padded.reshape(B, T, HOP_SAMPLES).sum(axis=2)
+        sums = padded.reshape(B, T, HOP_LENGTH).sum(axis=2)
         return np.stack([(sums // 7) % 64, (sums // 3 + 5) % 64], axis=1).astype(np.int16)
 
     def state(self):
@@ -65,10 +65,10 @@ class NeighbourTeacher(FrameTeacher):
     def encode(self, wav):
         wav = np.asarray(wav, dtype=np.float32)
         B, L = wav.shape
-        T = -(-L // HOP_SAMPLES)
-        padded = np.zeros((B, (T + 4) * HOP_SAMPLES), np.int64)
-        padded[:, 2 * HOP_SAMPLES : 2 * HOP_SAMPLES + L] = np.rint(wav * 32768).astype(np.int64)
-        sums = padded.reshape(B, T + 4, HOP_SAMPLES).sum(axis=2)
+        T = -(-L // HOP_LENGTH)
+        padded = np.zeros((B, (T + 4) * HOP_LENGTH), np.int64)
+        padded[:, 2 * HOP_LENGTH : 2 * HOP_LENGTH + L] = np.rint(wav * 32768).astype(np.int64)
+        sums = padded.reshape(B, T + 4, HOP_LENGTH).sum(axis=2)
         mixed = sum(sums[:, k : k + T] * (k + 1) for k in range(5))
         return np.stack([(mixed // 7) % 64, (mixed // 3) % 64], axis=1).astype(np.int16)
 
@@ -374,7 +374,7 @@ def test_crops_are_grid_aligned_and_codes_match_the_teacher_on_the_crop(prepared
         plan = loader.plan(step)
         assert batch["wav"].shape == (16, 72000) and batch["wav"].dtype == np.float32
         assert batch["codes"].shape == (16, 2, 225) and batch["codes"].dtype == np.int64
-        assert (plan.start % HOP_SAMPLES == 0).all()
+        assert (plan.start % HOP_LENGTH == 0).all()
         np.testing.assert_array_equal(batch["codes"], teacher.encode(batch["wav"]).astype(np.int64))
         ds = loader.datasets[0]
         for b in range(16):
@@ -422,7 +422,7 @@ def test_within_a_culture_every_second_is_equally_likely(prepared):
     loader = MixtureLoader(root / "out", MixtureSpec(sources={"turkish": 1}), batch_size=64, crop_samples=3 * SR)
     ds = loader.datasets[0]
     items = [i for i, it in enumerate(ds.items) if it["culture"] == "turkish"]
-    positions = {i: (ds.length[i] - 3 * SR) // HOP_SAMPLES + 1 for i in items}
+    positions = {i: (ds.length[i] - 3 * SR) // HOP_LENGTH + 1 for i in items}
     total = sum(positions.values())
     counts = {i: 0 for i in items}
     for step in range(100):
@@ -447,7 +447,7 @@ def test_short_items_skip_or_pad(prepared):
     for b in short:
         n = int(ds.length[plan.item[b]])
         assert batch["length"][b] == n and (batch["wav"][b, n:] == 0).all()
-        valid = -(-n // HOP_SAMPLES)
+        valid = -(-n // HOP_LENGTH)
         assert (batch["codes"][b, :, valid:] == PAD_CODE).all() and (batch["codes"][b, :, :valid] >= 0).all()
 
 

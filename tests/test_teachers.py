@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from culturemert.errors import CheckpointError, ConfigError, DataError, UserError
+from culturemert.label_grid import check_label_alignment, label_frames
 from culturemert.teachers import (
     EncodecTeacher,
     KMeansTeacher,
@@ -17,8 +18,6 @@ from culturemert.teachers import (
     Teacher,
     build_teacher,
     check_codebook_usage,
-    check_label_alignment,
-    label_length,
 )
 
 SR = 24000
@@ -57,11 +56,10 @@ def assert_close_to_reference(ours: torch.Tensor, ref: torch.Tensor, tol: float 
 # --------------------------------------------------------------------------------------------- label grid
 
 
-def test_label_length_is_ceil_of_hops():
-    assert [label_length(n) for n in (0, 1, 319, 320, 321, 120_000, 120_001)] == [0, 1, 1, 1, 2, 375, 376]
-    assert label_length(480, hop=160) == 3
+def test_label_frames_is_ceil_of_hops():
+    assert [label_frames(n) for n in (0, 1, 319, 320, 321, 120_000, 120_001)] == [0, 1, 1, 1, 2, 375, 376]
     with pytest.raises(ValueError):
-        label_length(-1)
+        label_frames(-1)
 
 
 def test_check_label_alignment_tolerates_one_frame_only():
@@ -209,7 +207,7 @@ def test_encodec_shapes_lengths_and_batch_equality(encodec_teacher):
     assert isinstance(teacher, Teacher)
     wav = music_like(6, 12_000 + 17, seed=7)
     codes = teacher.encode(wav.numpy())
-    assert codes.dtype == np.int16 and codes.shape == (6, 8, label_length(12_017))
+    assert codes.dtype == np.int16 and codes.shape == (6, 8, label_frames(12_017))
     assert len(np.unique(codes[:, 0])) > 3  # the check below would be vacuous on a constant code
     one_by_one = np.concatenate([teacher.encode(wav[i : i + 1]) for i in range(6)])
     np.testing.assert_array_equal(codes, one_by_one)
@@ -227,7 +225,7 @@ def test_encodec_encode_many_pads_and_trims(encodec_teacher):
     codes = encodec_teacher.encode_many(clips, batch_size=3)
     for clip, got in zip(clips, codes):
         alone = encodec_teacher.encode(clip)[0]
-        assert got.shape == (8, label_length(len(clip)))
+        assert got.shape == (8, label_frames(len(clip)))
         # padding may change only the last frame (EnCodec reflect-pads a partial final hop)
         np.testing.assert_array_equal(got[:, :-1], alone[:, :-1])
 
@@ -302,7 +300,7 @@ def test_kmeans_codes_distinguish_pitches(fitted_kmeans):
 
 def test_kmeans_lengths_alignment_and_batching(fitted_kmeans):
     for n in (1, 319, 320, 321, 5000):
-        assert fitted_kmeans.encode(np.zeros(n, dtype=np.float32)).shape == (1, 2, label_length(n))
+        assert fitted_kmeans.encode(np.zeros(n, dtype=np.float32)).shape == (1, 2, label_frames(n))
     # frame i is centred at 320 i + 200: a click there gives frame i the most broadband energy
     click = np.zeros(6400, dtype=np.float32)
     click[320 * 7 + 200] = 1.0

@@ -24,12 +24,12 @@ import soundfile as sf
 import soxr
 import torch
 
+from culturemert.label_grid import SAMPLE_RATE
 from culturemert.errors import DataError
 
 log = logging.getLogger(__name__)
 
 #: MERT's sample rate: every prepared waveform is mono at this rate.
-TARGET_SAMPLE_RATE = 24_000
 #: Multiply int16 samples by this to get the float waveform the model sees (and the teacher saw).
 INT16_SCALE = 1.0 / 32768.0
 #: Frames read per block while streaming (about 1.4 s at 44.1 kHz; bounded memory for any channel count).
@@ -109,7 +109,7 @@ def probe_audio(path: str | os.PathLike) -> AudioInfo:
 
 def iter_audio_blocks(
     path: str | os.PathLike,
-    target_sr: int = TARGET_SAMPLE_RATE,
+    target_sr: int = SAMPLE_RATE,
     *,
     block_frames: int = DEFAULT_BLOCK_FRAMES,
     nonfinite: NonFinitePolicy = "reject",
@@ -166,7 +166,7 @@ def iter_audio_blocks(
 
 def load_audio(
     path: str | os.PathLike,
-    target_sr: int = TARGET_SAMPLE_RATE,
+    target_sr: int = SAMPLE_RATE,
     *,
     nonfinite: NonFinitePolicy = "reject",
     block_frames: int = DEFAULT_BLOCK_FRAMES,
@@ -196,7 +196,7 @@ def int16_to_float(samples: np.ndarray, out: np.ndarray | None = None) -> np.nda
 
 def decode_to_int16(
     path: str | os.PathLike,
-    target_sr: int = TARGET_SAMPLE_RATE,
+    target_sr: int = SAMPLE_RATE,
     *,
     nonfinite: NonFinitePolicy = "reject",
     block_frames: int = DEFAULT_BLOCK_FRAMES,
@@ -213,7 +213,6 @@ def decode_to_int16(
 
 
 __all__ = [
-    "TARGET_SAMPLE_RATE",
     "INT16_SCALE",
     "AUDIO_EXTENSIONS",
     "AudioInfo",

@@ -48,6 +48,7 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
+from culturemert.label_grid import SAMPLE_RATE
 from culturemert.config import StrictModel
 from culturemert.errors import ConfigError, DataError
 from culturemert.files import atomic_write_bytes
@@ -179,7 +180,7 @@ class CorpusConfig(StrictModel):
     cultures: list[str] | None = None
     pieces_per_culture: int | dict[str, int] = 300
     duration_s: float = Field(20.0, gt=0.0, le=600.0)
-    sample_rate: int = Field(24000, ge=8000, le=96000)
+    sample_rate: int = Field(SAMPLE_RATE, ge=8000, le=96000)
     seed: int = 0
     instrument_programs: list[int] = Field(default_factory=lambda: [0, 24, 40, 68, 71, 73], min_length=1)
     tempo_bpm: tuple[float, float] = (80.0, 140.0)

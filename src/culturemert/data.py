@@ -37,9 +37,9 @@ import numpy as np
 from pydantic import field_validator, model_validator
 from tqdm.auto import tqdm
 
+from culturemert.label_grid import HOP_LENGTH, SAMPLE_RATE, check_label_alignment, label_frames
 from culturemert.audio import (
     INT16_SCALE,
-    TARGET_SAMPLE_RATE,
     DecodeReport,
     decode_to_int16,
     int16_to_float,
@@ -52,7 +52,6 @@ from culturemert.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 #: Samples per teacher label frame at 24 kHz (75 Hz), MERT's conv-stack stride.
-HOP_SAMPLES = 320
 #: Default crop: 5 s at 24 kHz = 375 label frames.
 DEFAULT_CROP_SAMPLES = 120_000
 #: Label value for padded frames when ``short_items="pad"``; the objective must ignore it.
@@ -207,11 +206,6 @@ def _remove_stale_tmp(directory: Path) -> None:
 # prepare
 
 
-def label_frames(num_samples: int, hop: int = HOP_SAMPLES) -> int:
-    """Label frames owned by ``num_samples`` of audio: ceil(num_samples / hop) (EnCodec pads the last frame)."""
-    return -(-int(num_samples) // hop)
-
-
 @dataclass
 class PrepareSummary:
     """What ``prepare`` produced; printed by the CLI."""
@@ -262,16 +256,16 @@ def _decode_row(task: tuple[int, str, int, str]) -> dict[str, Any]:
     row_id, path, min_samples, nonfinite = task
     report = DecodeReport()
     try:
-        samples = decode_to_int16(path, TARGET_SAMPLE_RATE, nonfinite=nonfinite, report=report)  # type: ignore[arg-type]
+        samples = decode_to_int16(path, SAMPLE_RATE, nonfinite=nonfinite, report=report)  # type: ignore[arg-type]
     except DataError as exc:
         return {"id": row_id, "reason": _reason(exc, path)}
     except MemoryError:
         return {"id": row_id, "reason": "out of memory while decoding"}
     except Exception as exc:
         return {"id": row_id, "reason": f"unexpected decode error: {type(exc).__name__}: {exc}"}
-    seconds = samples.size / TARGET_SAMPLE_RATE
+    seconds = samples.size / SAMPLE_RATE
     if samples.size < min_samples:
-        return {"id": row_id, "reason": f"too short ({seconds:.2f} s < {min_samples / TARGET_SAMPLE_RATE:g} s)"}
+        return {"id": row_id, "reason": f"too short ({seconds:.2f} s < {min_samples / SAMPLE_RATE:g} s)"}
     if not samples.any():
         return {"id": row_id, "reason": "silent (every sample is zero after decoding)"}
     warnings = list(report.warnings)
@@ -379,13 +373,13 @@ def _iter_fit_waveforms(
     out_dir: Path, shard_items: list[dict], rows: list[ManifestRow], fit_seconds: float, seed: int
 ) -> Iterator[np.ndarray]:
     """A seeded sample of the prepared training audio: random 30-s windows until ``fit_seconds`` are drawn."""
-    window = 30 * TARGET_SAMPLE_RATE
+    window = 30 * SAMPLE_RATE
     pool = [(k, it) for k, items in enumerate(shard_items) for it in items if rows[it["id"]].split == "train"]
     if not pool:
         pool = [(k, it) for k, items in enumerate(shard_items) for it in items]
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x6B6D]))
     order = rng.permutation(len(pool))
-    budget = int(fit_seconds * TARGET_SAMPLE_RATE)
+    budget = int(fit_seconds * SAMPLE_RATE)
     audio_cache: dict[int, np.ndarray] = {}
     for i in order:
         if budget <= 0:
@@ -395,10 +389,10 @@ def _iter_fit_waveforms(
             audio_cache.clear()
             audio_cache[k] = np.load(out_dir / _shard_name("audio", k, "npy"), mmap_mode="r")
         n = min(it["length"], window, budget)
-        n -= n % HOP_SAMPLES
+        n -= n % HOP_LENGTH
         if n <= 0:
             continue
-        start = int(rng.integers(0, (it["length"] - n) // HOP_SAMPLES + 1)) * HOP_SAMPLES
+        start = int(rng.integers(0, (it["length"] - n) // HOP_LENGTH + 1)) * HOP_LENGTH
         budget -= n
         yield int16_to_float(np.asarray(audio_cache[k][it["offset"] + start : it["offset"] + start + n]))
 
@@ -413,7 +407,6 @@ def _encode_shard(
     (frames from the context are dropped), so a teacher whose frames look a little ahead or behind (STFT
     windows, EnCodec's edge padding) gives the codes of a whole-item pass. Batches are zero-padded on the right.
     """
-    from culturemert.teachers import check_label_alignment
 
     # (window start, window length, first kept frame, kept frames) per chunk, all in shard coordinates
     chunks: list[tuple[int, int, int, int]] = []
@@ -422,7 +415,7 @@ def _encode_shard(
             n = min(chunk_samples, it["length"] - start)
             left = min(context_samples, start)
             right = min(context_samples, it["length"] - start - n)
-            chunks.append((it["offset"] + start - left, left + n + right, left // HOP_SAMPLES, label_frames(n)))
+            chunks.append((it["offset"] + start - left, left + n + right, left // HOP_LENGTH, label_frames(n)))
     out: list[np.ndarray] = [np.empty(0)] * len(chunks)
     order = sorted(range(len(chunks)), key=lambda c: -chunks[c][1])  # similar lengths share a batch
     for b in range(0, len(order), batch_size):
@@ -511,7 +504,7 @@ def prepare(
         raise ConfigError("prepare: min_seconds must be >= 0, shard_seconds/teacher_chunk_seconds > 0, batch >= 1")
     if nonfinite not in ("reject", "zero"):
         raise ConfigError(f"prepare: nonfinite must be 'reject' or 'zero', got {nonfinite!r}")
-    if int(teacher.sample_rate) != TARGET_SAMPLE_RATE:
+    if int(teacher.sample_rate) != SAMPLE_RATE:
         raise ConfigError(f"teacher {teacher.name!r} expects {teacher.sample_rate} Hz; prepare writes 24 kHz")
     manifest = Path(manifest)
     out = Path(out_dir)
@@ -521,11 +514,11 @@ def prepare(
     _remove_stale_tmp(out)
     _remove_stale_tmp(out / "shards")
 
-    context_samples = max(0, int(teacher_context_seconds * TARGET_SAMPLE_RATE)) // HOP_SAMPLES * HOP_SAMPLES
-    chunk_samples = max(HOP_SAMPLES, int(teacher_chunk_seconds * TARGET_SAMPLE_RATE) // HOP_SAMPLES * HOP_SAMPLES)
+    context_samples = max(0, int(teacher_context_seconds * SAMPLE_RATE)) // HOP_LENGTH * HOP_LENGTH
+    chunk_samples = max(HOP_LENGTH, int(teacher_chunk_seconds * SAMPLE_RATE) // HOP_LENGTH * HOP_LENGTH)
     settings = {
-        "sample_rate": TARGET_SAMPLE_RATE,
-        "hop": HOP_SAMPLES,
+        "sample_rate": SAMPLE_RATE,
+        "hop": HOP_LENGTH,
         "min_seconds": float(min_seconds),
         "shard_seconds": float(shard_seconds),
         "nonfinite": nonfinite,
@@ -570,7 +563,7 @@ def prepare(
         shards: list[list[int]] = plan["shards"]
 
         # --- phase 1: audio shards
-        min_samples = int(round(min_seconds * TARGET_SAMPLE_RATE))
+        min_samples = int(round(min_seconds * SAMPLE_RATE))
         shard_meta: list[dict | None] = [_audio_done(out, k) for k in range(len(shards))]
         reused = sum(m is not None for m in shard_meta)
         done_now = 0
@@ -640,7 +633,7 @@ def prepare(
         save_npy_atomic(codes_path, codes)
 
     # --- phase 4: checks, then the index (its presence means "complete and verified")
-    from culturemert.teachers import check_codebook_usage, check_label_alignment
+    from culturemert.teachers import check_codebook_usage
 
     all_codes: list[np.ndarray] = []
     index_items: list[dict[str, Any]] = []
@@ -687,7 +680,7 @@ def prepare(
     hours: dict[str, float] = {}
     files: dict[str, int] = {}
     for it in index_items:
-        hours[it["culture"]] = hours.get(it["culture"], 0.0) + it["length"] / TARGET_SAMPLE_RATE / 3600
+        hours[it["culture"]] = hours.get(it["culture"], 0.0) + it["length"] / SAMPLE_RATE / 3600
         files[it["culture"]] = files.get(it["culture"], 0) + 1
     shard_table = [
         {
@@ -732,8 +725,8 @@ def prepare(
         out / "index.json",
         {
             "version": INDEX_VERSION,
-            "sample_rate": TARGET_SAMPLE_RATE,
-            "hop": HOP_SAMPLES,
+            "sample_rate": SAMPLE_RATE,
+            "hop": HOP_LENGTH,
             "int16_scale": INT16_SCALE,
             "teacher": _teacher_spec(teacher),
             "shards": shard_table,
@@ -761,7 +754,7 @@ class PreparedDataset:
         if not index_path.is_file():
             raise DataError(f"{self.directory}: no index.json (not a prepared directory, or prepare did not finish)")
         index = json.loads(index_path.read_text(encoding="utf-8"))
-        if index.get("version") != INDEX_VERSION or index.get("hop") != HOP_SAMPLES:
+        if index.get("version") != INDEX_VERSION or index.get("hop") != HOP_LENGTH:
             raise DataError(f"{index_path}: unsupported index version {index.get('version')}")
         self.sample_rate: int = index["sample_rate"]
         self.teacher: dict[str, Any] = index["teacher"]
@@ -938,8 +931,8 @@ class MixtureLoader:
         self.datasets = [d if isinstance(d, PreparedDataset) else PreparedDataset(d) for d in datasets]
         if not self.datasets:
             raise ConfigError("MixtureLoader: no datasets")
-        if crop_samples <= 0 or crop_samples % HOP_SAMPLES:
-            raise ConfigError(f"crop_samples must be a positive multiple of {HOP_SAMPLES}, got {crop_samples}")
+        if crop_samples <= 0 or crop_samples % HOP_LENGTH:
+            raise ConfigError(f"crop_samples must be a positive multiple of {HOP_LENGTH}, got {crop_samples}")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if short_items not in ("skip", "pad"):
@@ -953,7 +946,7 @@ class MixtureLoader:
                 )
         self.n_codebooks = first.n_codebooks
         self.crop_samples = crop_samples
-        self.crop_frames = crop_samples // HOP_SAMPLES
+        self.crop_frames = crop_samples // HOP_LENGTH
         self.batch_size = batch_size
         self.seed = int(seed)
         self.rank = int(rank)
@@ -966,7 +959,7 @@ class MixtureLoader:
             if short_items == "skip":
                 keep &= d.length >= crop_samples
             idx = np.flatnonzero(keep)
-            n_pos = np.maximum((d.length[idx] - crop_samples) // HOP_SAMPLES + 1, 1)
+            n_pos = np.maximum((d.length[idx] - crop_samples) // HOP_LENGTH + 1, 1)
             # a short (padded) item counts in proportion to its real audio so seconds stay equally likely
             frac = np.minimum(d.length[idx] / crop_samples, 1.0)
             ds_idx.append(np.full(idx.size, d_i))
@@ -1019,7 +1012,7 @@ class MixtureLoader:
         return CropPlan(
             dataset=self._ds[row],
             item=self._item[row],
-            start=position * HOP_SAMPLES,
+            start=position * HOP_LENGTH,
             culture=[self.culture_names[c] for c in which],
         )
 
@@ -1036,7 +1029,7 @@ class MixtureLoader:
             start = int(plan.start[b])
             audio = d.audio(i)[start : start + L]
             int16_to_float(audio, out=wav[b, : audio.size])
-            frames = d.codes(i)[:, start // HOP_SAMPLES : start // HOP_SAMPLES + T]
+            frames = d.codes(i)[:, start // HOP_LENGTH : start // HOP_LENGTH + T]
             codes[b, :, : frames.shape[1]] = frames
             if audio.size < L:  # only with short_items="pad"
                 wav[b, audio.size :] = 0.0
@@ -1108,13 +1101,11 @@ def torch_loader(
 
 
 __all__ = [
-    "HOP_SAMPLES",
     "DEFAULT_CROP_SAMPLES",
     "PAD_CODE",
     "INT16_SCALE",
     "ManifestRow",
     "read_manifest",
-    "label_frames",
     "prepare",
     "PrepareSummary",
     "PreparedDataset",

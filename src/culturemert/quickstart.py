@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
+from culturemert.label_grid import crop_samples
 from culturemert.config import StrictModel
 from culturemert.errors import ConfigError, DataError
 
@@ -187,7 +188,7 @@ def heldout_masked_loss(
     if model.heads is None:
         raise DataError(f"{model_source}: no pre-training heads, cannot compute the masked-prediction loss")
     objective = MertObjective(ObjectiveConfig(), MertCQT())
-    crop = int(round(crop_seconds * 24000 / 320)) * 320
+    crop = crop_samples(crop_seconds)
     results: dict[str, dict[str, float]] = {}
     for culture, directory in prepared.items():
         loader = MixtureLoader([directory], MixtureSpec(sources={culture: 1.0}), batch_size=batch_size,

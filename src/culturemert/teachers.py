@@ -1,10 +1,8 @@
 """Pre-training targets: discrete 75 Hz teacher codes (EnCodec RVQ or k-means) and MERT's CQT target.
 
 Label grid
-    Every teacher emits one code per codebook per 320-sample hop of 24 kHz audio (75 Hz), and a clip of ``L``
-    samples gets ``label_length(L) = ceil(L / 320)`` codes, exactly what EnCodec 24 kHz produces (it pads the
-    last partial hop). The model's conv stack yields ``floor((L - 400) / 320) + 1`` frames; frame ``k`` spans
-    samples ``[320k, 320k + 400)`` and is paired with code ``k``.
+    Every teacher emits codes on the grid of :mod:`culturemert.label_grid` (one code per codebook per 320-sample
+    hop of 24 kHz audio, ``ceil(L / 320)`` codes for ``L`` samples, code ``k`` paired with model frame ``k``).
 
 CQT target (:class:`MertCQT`)
     Reproduces ``nnAudio.features.cqt.CQT`` (= ``CQT1992v2``) with MERT's parameters (24 kHz, hop 320, 32.7 Hz,
@@ -32,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from culturemert.label_grid import FRAME_RATE, HOP_LENGTH, SAMPLE_RATE, label_frames
 from culturemert.audio import mel_filterbank
 from culturemert.files import atomic_write_bytes
 from culturemert.errors import CheckpointError, ConfigError, DataError, UserError
@@ -40,9 +39,6 @@ from culturemert.runtime import resolve_device
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "FRAME_RATE",
-    "HOP_LENGTH",
-    "SAMPLE_RATE",
     "TEACHERS",
     "EncodecTeacher",
     "KMeansTeacher",
@@ -50,41 +46,14 @@ __all__ = [
     "Teacher",
     "build_teacher",
     "check_codebook_usage",
-    "check_label_alignment",
-    "label_length",
 ]
 
-SAMPLE_RATE = 24_000
-HOP_LENGTH = 320
-FRAME_RATE = SAMPLE_RATE / HOP_LENGTH  # 75.0
 DEFAULT_ENCODEC = "facebook/encodec_24khz"
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Label grid helpers and guards
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def label_length(num_samples: int, hop: int = HOP_LENGTH) -> int:
-    """Number of teacher codes for a clip of ``num_samples`` samples: ``ceil(num_samples / hop)``."""
-    if num_samples < 0:
-        raise ValueError(f"num_samples must be >= 0, got {num_samples}")
-    return -(-int(num_samples) // int(hop))
-
-
-def check_label_alignment(num_samples: int, num_labels: int, hop: int = HOP_LENGTH, tolerance: int = 1) -> None:
-    """Raise :class:`DataError` when a label sequence does not fit its audio on the 75 Hz grid.
-
-    ``num_labels`` may differ from ``ceil(num_samples / hop)`` by at most ``tolerance`` frames (rounding of
-    externally produced labels); anything more means the labels belong to another file or sample rate.
-    """
-    expected = label_length(num_samples, hop)
-    if abs(int(num_labels) - expected) > tolerance:
-        raise DataError(
-            f"label length {num_labels} does not match audio of {num_samples} samples: expected "
-            f"ceil({num_samples}/{hop}) = {expected} (+-{tolerance}); were the labels made from another file "
-            f"or at another sample rate?"
-        )
 
 
 def check_codebook_usage(
@@ -518,7 +487,7 @@ class _BatchedTeacher:
                 batch[row, : clips[index].shape[0]] = clips[index]
             codes = self.encode(batch)
             for row, index in enumerate(members):
-                frames = label_length(clips[index].shape[0], self.hop_length)
+                frames = label_frames(clips[index].shape[0])
                 results[index] = np.ascontiguousarray(codes[row, :, :frames])
         return results  # type: ignore[return-value]
 
@@ -591,7 +560,7 @@ class EncodecTeacher(_BatchedTeacher):
     def encode(self, wav: np.ndarray | torch.Tensor) -> np.ndarray:
         """``[B, L]`` float32 audio at 24 kHz -> int16 codes ``[B, n_codebooks, ceil(L / 320)]``."""
         x = _as_batch(wav)
-        expected = label_length(x.shape[1], HOP_LENGTH)
+        expected = label_frames(x.shape[1])
         if expected == 0:
             return np.zeros((x.shape[0], self.n_codebooks, 0), dtype=np.int16)
         outputs = []
@@ -721,7 +690,7 @@ class KMeansTeacher(_BatchedTeacher):
         """Log-mel frames ``[B, ceil(L / 320), n_mels]`` (float32, on ``self.device``) of ``[B, L]`` audio."""
         x = _as_batch(wav).to(self.device)
         batch, length = x.shape
-        frames = label_length(length, HOP_LENGTH)
+        frames = label_frames(length)
         if frames == 0:
             return x.new_zeros(batch, 0, self.n_mels)
         # frame i covers [320 i + center_offset - n_fft/2, ... + n_fft); negative pads crop
@@ -835,7 +804,7 @@ class KMeansTeacher(_BatchedTeacher):
             stacked = torch.stack(codes, dim=0).reshape(self.n_codebooks, batch, frames).permute(1, 0, 2)
             outputs.append(stacked.to(torch.int16).cpu())
         if not outputs:
-            return np.zeros((0, self.n_codebooks, label_length(x.shape[1])), dtype=np.int16)
+            return np.zeros((0, self.n_codebooks, label_frames(x.shape[1])), dtype=np.int16)
         return torch.cat(outputs).numpy()
 
     # -- persistence ----------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from pydantic import Field, field_validator, model_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from culturemert.label_grid import HOP_LENGTH, crop_samples
 from culturemert.config import StrictModel, load_yaml, parse_config
 from culturemert.files import atomic_write_text as _atomic_write_text, fsync_dir as _fsync_path, sha256_file as _sha256
 from culturemert.errors import CheckpointError, ConfigError, UserError
@@ -49,8 +50,6 @@ from culturemert.runtime import derive_seed, resolve_device
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 24_000
-HOP = 320
 CHECKPOINT_FORMAT = 1
 
 __all__ = [
@@ -262,7 +261,7 @@ class StageSpec(StrictModel):
 
     @property
     def crop_samples(self) -> int:
-        return int(round(self.crop_seconds * SAMPLE_RATE / HOP)) * HOP
+        return crop_samples(self.crop_seconds)
 
     def global_clips(self) -> int:
         if self.batch.clips is not None:
@@ -426,7 +425,7 @@ def train_flops_per_clip(model: MertPretrainModel, num_samples: int, cqt: bool =
     flops = 3 * 2 * macs
     if cqt and model.heads is not None:
         # direct-convolution count of nnAudio's CQT1992v2 (336 bins x real/imag x 2^16 taps per hop)
-        flops += 2 * model.heads.config.cqt_bins * 2 * 65536 * (num_samples // HOP + 1)
+        flops += 2 * model.heads.config.cqt_bins * 2 * 65536 * (num_samples // HOP_LENGTH + 1)
     return float(flops)
 
 

@@ -42,7 +42,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from culturemert.audio import TARGET_SAMPLE_RATE, load_audio, mel_filterbank
+from culturemert.audio import load_audio, mel_filterbank
+from culturemert.label_grid import SAMPLE_RATE
 from culturemert.config import StrictModel
 from culturemert.files import name_os_error, save_npy_atomic
 from culturemert.errors import ConfigError, DataError, UserError
@@ -82,7 +83,7 @@ class EmbedSettings(StrictModel):
     normalize_scope: Literal["track", "chunk"] = "track"  # MARBLE v1: whole track, then windows
     frames: bool = False  # also keep frame-level features (float16)
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast, CUDA only
-    sample_rate: int = TARGET_SAMPLE_RATE
+    sample_rate: int = SAMPLE_RATE
     #: windows per forward pass; None = 16 on CUDA, 1 on CPU (bench/embed.py: on CPU batching is slower, 0.8x)
     batch_size: int | None = Field(default=None, ge=1)
     group_tracks: int = Field(default=16, ge=1)
@@ -196,7 +197,7 @@ class LogMelExtractor:
 
     N_FFT, HOP, N_MELS, FMIN, LOG_FLOOR = 1024, 240, 128, 0.0, 1e-6
 
-    def __init__(self, sample_rate: int = TARGET_SAMPLE_RATE):
+    def __init__(self, sample_rate: int = SAMPLE_RATE):
         self.sample_rate = sample_rate
         self.name = LOGMEL_NAME
         params = f"logmel-v1:sr={sample_rate}:nfft={self.N_FFT}:hop={self.HOP}:mels={self.N_MELS}:floor={self.LOG_FLOOR}"
