@@ -8,6 +8,7 @@ file or the complete new one, never a partial one. Temp files start with ``.`` a
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -91,3 +92,21 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)  # Path and anything else with a meaningful str()
+
+
+def json_text(obj: Any) -> str:
+    """The project's JSON file text: indent 1, UTF-8 kept, numpy values as Python numbers/lists, newline-terminated."""
+    return json.dumps(obj, indent=1, ensure_ascii=False, default=_json_default) + "\n"
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """:func:`json_text` of ``obj`` to ``path`` through :func:`atomic_write` (never a partial file)."""
+    atomic_write_text(path, json_text(obj))

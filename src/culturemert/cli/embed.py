@@ -78,7 +78,7 @@ def _datasets_from_inputs(inputs: list[str]) -> list:
 
 def run(args: argparse.Namespace) -> int:
     from culturemert.evaluate.embed import EmbedSettings, build_extractor, embed_dataset
-    from culturemert.evaluate.report import write_json_atomic
+    from culturemert.files import write_json_atomic
 
     settings = EmbedSettings(
         window=args.window, hop=args.hop, min_last_fraction=args.min_last_fraction, max_seconds=args.max_seconds,

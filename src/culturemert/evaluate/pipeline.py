@@ -26,7 +26,8 @@ from culturemert.config import StrictModel, load_config
 from culturemert.evaluate.embed import EmbedSettings, build_extractor, embed_dataset
 from culturemert.evaluate.features import load_probe_data
 from culturemert.evaluate.probe import ProbeSettings, run_probe
-from culturemert.evaluate.report import load_runs, write_json_atomic, write_report
+from culturemert.evaluate.report import load_runs, write_report
+from culturemert.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 

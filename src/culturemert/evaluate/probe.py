@@ -759,7 +759,7 @@ def run_probe(
 
 def run_probe_config(config: ProbeConfig | str | Path, *, progress: bool = True) -> tuple[dict[str, Any], Path]:
     """``culturemert probe CONFIG``: load features, run the sweep, write ``results.json``; returns (results, path)."""
-    from culturemert.evaluate.report import write_json_atomic
+    from culturemert.files import write_json_atomic
 
     if not isinstance(config, ProbeConfig):
         config = load_config(config, ProbeConfig)

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence
 from culturemert.files import atomic_write_text
 from culturemert.errors import DataError
 
-__all__ = ["write_json_atomic", "load_runs", "write_report", "PAPER_DATASET_ORDER"]
+__all__ = ["load_runs", "write_report", "PAPER_DATASET_ORDER"]
 
 #: Column order of the paper's tables; other datasets follow in order of appearance.
 PAPER_DATASET_ORDER = ("makam", "hindustani", "carnatic", "lyra", "fma", "magnatagatune")
@@ -26,11 +26,6 @@ _DATASET_TITLES = {
     "makam": "Turkish-makam", "hindustani": "Hindustani", "carnatic": "Carnatic", "lyra": "Lyra",
     "fma": "FMA-medium", "magnatagatune": "MTAT",
 }
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """JSON to ``path`` via temp file + fsync + rename (never a partial file)."""
-    atomic_write_text(path, json.dumps(data, indent=1, ensure_ascii=False))
 
 
 def load_runs(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
