@@ -109,7 +109,8 @@ _KILL_DURING_SAVE = textwrap.dedent(
     """
     import sys, time
     sys.path.insert(0, {tests!r})
-    import culturemert.train as T
+    import culturemert.train.checkpoints as T
+    from culturemert.train import Trainer
     from _train_fakes import factory
     from test_train import tiny_recipe
     real = T.save_file
@@ -119,7 +120,7 @@ _KILL_DURING_SAVE = textwrap.dedent(
         if "/.tmp-ckpt-g{step:09d}" in filename and filename.endswith("model.safetensors"):
             time.sleep(120)
     T.save_file = save_file
-    T.Trainer(tiny_recipe(), {out!r}, source_factory=factory()).run()
+    Trainer(tiny_recipe(), {out!r}, source_factory=factory()).run()
     """
 )
 
@@ -435,10 +436,10 @@ def test_configuration_errors_fail_before_any_compute_naming_key_or_path(tmp_pat
 # ----------------------------------------------------------------------------------------------------
 # disk full / permission denied while writing
 def test_disk_full_while_writing_a_checkpoint(tmp_path, reference_run, monkeypatch):
-    import culturemert.train as train
+    import culturemert.train.checkpoints as checkpoints
 
     monkeypatch.setattr(
-        train, "save_file", _enospc_after(train.save_file, lambda n: "ckpt-g000000004" in n and n.endswith("optimizer.safetensors"))
+        checkpoints, "save_file", _enospc_after(checkpoints.save_file, lambda n: "ckpt-g000000004" in n and n.endswith("optimizer.safetensors"))
     )
     run = tmp_path / "run"
     with pytest.raises(UserError, match=r"cannot write checkpoint .*ckpt-g000000004.*No space left on device"):
@@ -744,7 +745,7 @@ def test_probe_results_are_identical_across_runs(tmp_path):
 _SLOW_DISK_CLI = textwrap.dedent(
     """
     import sys, time
-    import culturemert.train as T
+    import culturemert.train.checkpoints as T
     real = T.save_file
     def save_file(tensors, filename, metadata=None):
         real(tensors, filename, metadata=metadata)
