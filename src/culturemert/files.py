@@ -110,3 +110,32 @@ def json_text(obj: Any) -> str:
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """:func:`json_text` of ``obj`` to ``path`` through :func:`atomic_write` (never a partial file)."""
     atomic_write_text(path, json_text(obj))
+
+
+def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Append one JSON line to an append-only log and fsync it (a crash loses at most this line, as a torn line)."""
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        name_os_error(exc, path)
+        raise
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Records of an append-only JSON-lines log; a torn line (killed while appending) is skipped, a missing file is []."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
+

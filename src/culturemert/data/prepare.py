@@ -16,11 +16,12 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 from tqdm.auto import tqdm
 
 from culturemert.label_grid import HOP_LENGTH, SAMPLE_RATE, check_label_alignment, label_frames
@@ -32,8 +33,10 @@ from culturemert.audio import (
     probe_audio,
 )
 from culturemert.files import atomic_write, fsync_dir as _fsync_dir, json_text, save_npy_atomic, write_json_atomic
+from culturemert.config import StrictModel, parse_config
 from culturemert.errors import ConfigError, DataError
 from culturemert.data.manifest import ManifestRow, read_manifest
+from culturemert.teachers.base import Teacher, check_codebook_usage
 
 log = logging.getLogger(__name__)
 
@@ -317,167 +320,233 @@ def _audio_done(out_dir: Path, k: int) -> dict | None:
     return meta
 
 
+class PrepareSettings(StrictModel):
+    """Everything that shapes a prepared directory besides its manifest and teacher.
+
+    All fields but ``workers`` enter the directory's fingerprint (``plan.json``): a resumed run must use the same
+    values. Units: seconds, except ``teacher_batch_size`` (clips) and ``min_codebook_fraction`` (a fraction of the
+    codebook that must be used, see :func:`~culturemert.teachers.check_codebook_usage`).
+    """
+
+    min_seconds: float = Field(3.0, ge=0)  # shorter files are skipped
+    shard_seconds: float = Field(1800.0, gt=0)  # audio per shard file
+    workers: int = Field(0, ge=0)  # decoding processes (0/1: in-process)
+    seed: int = 0  # k-means fitting sample
+    nonfinite: Literal["reject", "zero"] = "reject"  # NaN/inf samples: skip the file, or zero them with a warning
+    kmeans_fit_seconds: float = Field(3600.0, gt=0)  # audio budget for fitting a k-means teacher
+    teacher_chunk_seconds: float = Field(30.0, gt=0)  # teacher encodes audio in chunks this long
+    teacher_context_seconds: float = Field(1.0, ge=0)  # real audio on both sides of a chunk, codes discarded
+    teacher_batch_size: int = Field(8, ge=1)
+    min_codebook_fraction: float = Field(0.02, ge=0, le=1)
+
+    def fingerprinted(self, teacher: Any) -> dict[str, Any]:
+        """The settings recorded in ``plan.json``/``prepare.json``: lengths on the label grid, the teacher's spec and
+        (for a fitted teacher) its state."""
+        return {
+            "sample_rate": SAMPLE_RATE,
+            "hop": HOP_LENGTH,
+            "min_seconds": float(self.min_seconds),
+            "shard_seconds": float(self.shard_seconds),
+            "nonfinite": self.nonfinite,
+            "seed": int(self.seed),
+            "kmeans_fit_seconds": float(self.kmeans_fit_seconds),
+            "teacher_chunk_samples": self.chunk_samples,
+            "teacher_context_samples": self.context_samples,
+            "teacher": _teacher_spec(teacher),
+            "teacher_state": None if _needs_fit(teacher) else _teacher_state(teacher),
+        }
+
+    @property
+    def chunk_samples(self) -> int:
+        return max(HOP_LENGTH, int(self.teacher_chunk_seconds * SAMPLE_RATE) // HOP_LENGTH * HOP_LENGTH)
+
+    @property
+    def context_samples(self) -> int:
+        return max(0, int(self.teacher_context_seconds * SAMPLE_RATE)) // HOP_LENGTH * HOP_LENGTH
+
+
+@dataclass
+class _PrepareRun:
+    """The state that flows through the phases of one ``prepare`` call."""
+
+    manifest: Path
+    out: Path
+    rows: list[ManifestRow]
+    settings: PrepareSettings
+    fingerprinted: dict[str, Any]
+    progress: bool
+    plan: dict[str, Any] = field(default_factory=dict)
+    metas: list[dict[str, Any]] = field(default_factory=list)
+    shards_reused: int = 0
+
+
 def prepare(
     manifest: str | os.PathLike,
     out_dir: str | os.PathLike,
-    teacher: Any,
+    teacher: Teacher,
+    settings: PrepareSettings | None = None,
     *,
-    min_seconds: float = 3.0,
-    shard_seconds: float = 1800.0,
-    workers: int = 0,
-    seed: int = 0,
-    nonfinite: Literal["reject", "zero"] = "reject",
-    kmeans_fit_seconds: float = 3600.0,
-    teacher_chunk_seconds: float = 30.0,
-    teacher_context_seconds: float = 1.0,
-    teacher_batch_size: int = 8,
-    min_codebook_fraction: float = 0.02,
     progress: bool = True,
     _stop_after_shards: int | None = None,
+    **overrides: Any,
 ) -> PrepareSummary:
     """Decode a manifest into 24 kHz int16 shards with aligned teacher codes in ``out_dir``.
 
-    Bad files are skipped and reported (path + reason), never fatal. Re-running on the same ``out_dir`` with the
-    same manifest and settings resumes: finished shards (audio and codes) are kept, the rest is redone; the
-    final files equal those of an uninterrupted run. A k-means teacher that is not fitted yet is fitted on a
-    seeded sample of the prepared training audio and saved in ``out_dir/teacher/`` before tokenising. After
-    tokenising the collapse guard and the label/audio alignment check run; on failure no index is written.
+    ``settings`` (or keyword ``overrides`` of its fields) are validated as :class:`PrepareSettings`. Five phases:
+    plan (probe headers, assign rows to shards), audio shards, fit the teacher (k-means only), teacher codes,
+    verify and index. Bad files are skipped and reported (path + reason), never fatal. Re-running on the same
+    ``out_dir`` with the same manifest and settings resumes: finished shards (audio and codes) are kept, the rest
+    is redone; the final files equal those of an uninterrupted run. A k-means teacher that is not fitted yet is
+    fitted on a seeded sample of the prepared training audio and saved in ``out_dir/teacher/`` before tokenising.
+    After tokenising the collapse guard and the label/audio alignment check run; on failure no index is written.
     ``_stop_after_shards`` simulates an interruption (tests only).
+
+    Raises:
+        ConfigError: invalid settings, or a teacher that does not work at 24 kHz.
+        DataError: ``out_dir`` holds a run with other settings, no usable audio, or a failed check.
     """
-    if min_seconds < 0 or shard_seconds <= 0 or teacher_chunk_seconds <= 0 or teacher_batch_size < 1:
-        raise ConfigError("prepare: min_seconds must be >= 0, shard_seconds/teacher_chunk_seconds > 0, batch >= 1")
-    if nonfinite not in ("reject", "zero"):
-        raise ConfigError(f"prepare: nonfinite must be 'reject' or 'zero', got {nonfinite!r}")
+    if settings is None or overrides:
+        base = settings.model_dump() if settings is not None else {}
+        settings = parse_config({**base, **overrides}, PrepareSettings, source="prepare settings")
     if int(teacher.sample_rate) != SAMPLE_RATE:
         raise ConfigError(f"teacher {teacher.name!r} expects {teacher.sample_rate} Hz; prepare writes 24 kHz")
-    manifest = Path(manifest)
-    out = Path(out_dir)
-    rows = read_manifest(manifest)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "shards").mkdir(exist_ok=True)
-    _remove_stale_tmp(out)
-    _remove_stale_tmp(out / "shards")
-
-    context_samples = max(0, int(teacher_context_seconds * SAMPLE_RATE)) // HOP_LENGTH * HOP_LENGTH
-    chunk_samples = max(HOP_LENGTH, int(teacher_chunk_seconds * SAMPLE_RATE) // HOP_LENGTH * HOP_LENGTH)
-    settings = {
-        "sample_rate": SAMPLE_RATE,
-        "hop": HOP_LENGTH,
-        "min_seconds": float(min_seconds),
-        "shard_seconds": float(shard_seconds),
-        "nonfinite": nonfinite,
-        "seed": int(seed),
-        "kmeans_fit_seconds": float(kmeans_fit_seconds),
-        "teacher_chunk_samples": chunk_samples,
-        "teacher_context_samples": context_samples,
-        "teacher": _teacher_spec(teacher),
-        "teacher_state": None if _needs_fit(teacher) else _teacher_state(teacher),
-    }
-    row_dicts = [asdict(r) for r in rows]
-    fingerprint = hashlib.sha256(json_text({"settings": settings, "rows": row_dicts}).encode()).hexdigest()
-
-    pool = _Workers(workers)
+    run = _PrepareRun(
+        manifest=Path(manifest),
+        out=Path(out_dir),
+        rows=read_manifest(manifest),
+        settings=settings,
+        fingerprinted=settings.fingerprinted(teacher),
+        progress=progress,
+    )
+    run.out.mkdir(parents=True, exist_ok=True)
+    (run.out / "shards").mkdir(exist_ok=True)
+    _remove_stale_tmp(run.out)
+    _remove_stale_tmp(run.out / "shards")
+    pool = _Workers(settings.workers)
     try:
-        # --- plan: probe headers, assign rows to shards (reused verbatim on resume)
-        plan_path = out / "plan.json"
-        plan: dict[str, Any] | None = None
-        if plan_path.is_file():
-            plan = json.loads(plan_path.read_text(encoding="utf-8"))
-            if plan.get("fingerprint") != fingerprint:
-                raise DataError(
-                    f"{out} holds a prepare run with a different manifest or settings "
-                    f"(plan.json fingerprint differs); use a new --out directory or delete {out}"
-                )
-            log.info("resuming prepare in %s", out)
-        else:
-            probe_results = list(
-                pool.map(_probe_row, [(r_id, r.path, min_seconds) for r_id, r in enumerate(rows)], "probe", progress)
-            )
-            plan_skips = [{"id": p["id"], "reason": p["reason"]} for p in probe_results if "reason" in p]
-            estimates = [(p["id"], p["seconds"]) for p in probe_results if "reason" not in p]
-            plan = {
-                "version": INDEX_VERSION,
-                "fingerprint": fingerprint,
-                "settings": settings,
-                "rows": row_dicts,
-                "plan_skipped": plan_skips,
-                "shards": _plan_shards(estimates, shard_seconds),
-            }
-            write_json_atomic(plan_path, plan)
-        shards: list[list[int]] = plan["shards"]
-
-        # --- phase 1: audio shards
-        min_samples = int(round(min_seconds * SAMPLE_RATE))
-        shard_meta: list[dict | None] = [_audio_done(out, k) for k in range(len(shards))]
-        reused = sum(m is not None for m in shard_meta)
-        done_now = 0
-        for k, row_ids in enumerate(tqdm(shards, desc="audio shards", unit="shard", disable=not progress)):
-            if shard_meta[k] is not None:
-                continue
-            if _stop_after_shards is not None and done_now >= _stop_after_shards:
-                raise KeyboardInterrupt("simulated interruption")
-            tasks = [(r_id, rows[r_id].path, min_samples, nonfinite) for r_id in row_ids]
-            items, skipped, pieces, offset = [], [], [], 0
-            for res in pool.map(_decode_row, tasks, f"decode shard {k}", progress):
-                if "reason" in res:
-                    skipped.append({"id": res["id"], "reason": res["reason"]})
-                    continue
-                samples = res.pop("samples")
-                items.append({**res, "offset": offset, "length": int(samples.size)})
-                pieces.append(samples)
-                offset += samples.size
-            audio = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int16)
-            save_npy_atomic(out / _shard_name("audio", k, "npy"), audio)
-            meta = {"shard": k, "n_samples": int(audio.size), "items": items, "skipped": skipped}
-            write_json_atomic(out / _shard_name("items", k, "json"), meta)  # commit marker: written after the audio
-            shard_meta[k] = meta
-            done_now += 1
+        _plan_phase(run, pool)
+        _audio_phase(run, pool, _stop_after_shards)
     finally:
         pool.close()
-    metas: list[dict] = [m for m in shard_meta if m is not None]
-    shard_items = [m["items"] for m in metas]
+    teacher = _fit_phase(run, teacher)
+    _codes_phase(run, teacher)
+    return _index_phase(run, teacher)
 
-    # --- phase 2: fit the k-means teacher (or reload the one a previous run fitted)
+
+def _plan_phase(run: _PrepareRun, pool: _Workers) -> None:
+    """Probe headers and assign rows to shards; a resumed run reuses ``plan.json`` (same fingerprint only)."""
+    row_dicts = [asdict(r) for r in run.rows]
+    fingerprint = hashlib.sha256(json_text({"settings": run.fingerprinted, "rows": row_dicts}).encode()).hexdigest()
+    plan_path = run.out / "plan.json"
+    if plan_path.is_file():
+        plan = json.loads(plan_path.read_text(encoding="utf-8"))
+        if plan.get("fingerprint") != fingerprint:
+            raise DataError(
+                f"{run.out} holds a prepare run with a different manifest or settings "
+                f"(plan.json fingerprint differs); use a new --out directory or delete {run.out}"
+            )
+        log.info("resuming prepare in %s", run.out)
+    else:
+        tasks = [(r_id, r.path, run.settings.min_seconds) for r_id, r in enumerate(run.rows)]
+        probe_results = list(pool.map(_probe_row, tasks, "probe", run.progress))
+        plan = {
+            "version": INDEX_VERSION,
+            "fingerprint": fingerprint,
+            "settings": run.fingerprinted,
+            "rows": row_dicts,
+            "plan_skipped": [{"id": p["id"], "reason": p["reason"]} for p in probe_results if "reason" in p],
+            "shards": _plan_shards(
+                [(p["id"], p["seconds"]) for p in probe_results if "reason" not in p], run.settings.shard_seconds
+            ),
+        }
+        write_json_atomic(plan_path, plan)
+    run.plan = plan
+
+
+def _audio_phase(run: _PrepareRun, pool: _Workers, stop_after_shards: int | None) -> None:
+    """Decode every shard's rows into ``audio-K.npy``; ``items-K.json`` (written after it) commits the shard."""
+    shards: list[list[int]] = run.plan["shards"]
+    min_samples = int(round(run.settings.min_seconds * SAMPLE_RATE))
+    shard_meta: list[dict | None] = [_audio_done(run.out, k) for k in range(len(shards))]
+    run.shards_reused = sum(m is not None for m in shard_meta)
+    done_now = 0
+    for k, row_ids in enumerate(tqdm(shards, desc="audio shards", unit="shard", disable=not run.progress)):
+        if shard_meta[k] is not None:
+            continue
+        if stop_after_shards is not None and done_now >= stop_after_shards:
+            raise KeyboardInterrupt("simulated interruption")
+        tasks = [(r_id, run.rows[r_id].path, min_samples, run.settings.nonfinite) for r_id in row_ids]
+        items, skipped, pieces, offset = [], [], [], 0
+        for res in pool.map(_decode_row, tasks, f"decode shard {k}", run.progress):
+            if "reason" in res:
+                skipped.append({"id": res["id"], "reason": res["reason"]})
+                continue
+            samples = res.pop("samples")
+            items.append({**res, "offset": offset, "length": int(samples.size)})
+            pieces.append(samples)
+            offset += samples.size
+        audio = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int16)
+        save_npy_atomic(run.out / _shard_name("audio", k, "npy"), audio)
+        meta = {"shard": k, "n_samples": int(audio.size), "items": items, "skipped": skipped}
+        write_json_atomic(run.out / _shard_name("items", k, "json"), meta)  # commit marker: written after the audio
+        shard_meta[k] = meta
+        done_now += 1
+    run.metas = [m for m in shard_meta if m is not None]
+
+
+def _fit_phase(run: _PrepareRun, teacher: Teacher) -> Teacher:
+    """Fit a k-means teacher on the training audio (or reload the one a previous run fitted); return the teacher
+    that encodes, always the saved copy so a clean and a resumed run use (and record) the same model."""
+    if not _needs_fit(teacher):
+        return teacher
+    out, settings = run.out, run.settings
     teacher_dir = out / "teacher"
-    if _needs_fit(teacher):
-        model_path = teacher_dir / "kmeans.safetensors"
-        if model_path.is_file():
-            log.info("using the k-means teacher fitted by a previous run: %s", model_path)
-        else:
-            n_frames_max = int(kmeans_fit_seconds * teacher.frame_rate)
-            log.info("fitting the %s teacher on up to %.0f s of training audio", teacher.name, kmeans_fit_seconds)
-            teacher.fit(_iter_fit_waveforms(out, shard_items, rows, kmeans_fit_seconds, seed), n_frames_max, seed)
-            tmp_dir = Path(tempfile.mkdtemp(prefix=".teacher.", suffix=".tmp", dir=out))
-            teacher.save(tmp_dir / "kmeans.safetensors")
-            for p in tmp_dir.iterdir():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-            if teacher_dir.exists():  # an empty or stale dir from an interrupted run
-                for p in teacher_dir.iterdir():
-                    p.unlink()
-                teacher_dir.rmdir()
-            os.replace(tmp_dir, teacher_dir)
-            _fsync_dir(out)
-        # always encode with the saved copy, so a clean and a resumed run use (and record) the same model
-        load_options = {k: getattr(teacher, k) for k in ("device", "batch_size") if hasattr(teacher, k)}
-        try:
-            teacher = type(teacher).load(model_path, **load_options)
-        except TypeError:
-            teacher = type(teacher).load(model_path)
+    model_path = teacher_dir / "kmeans.safetensors"
+    if model_path.is_file():
+        log.info("using the k-means teacher fitted by a previous run: %s", model_path)
+    else:
+        n_frames_max = int(settings.kmeans_fit_seconds * teacher.frame_rate)
+        log.info("fitting the %s teacher on up to %.0f s of training audio", teacher.name, settings.kmeans_fit_seconds)
+        shard_items = [m["items"] for m in run.metas]
+        teacher.fit(_iter_fit_waveforms(out, shard_items, run.rows, settings.kmeans_fit_seconds, settings.seed), n_frames_max, settings.seed)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=".teacher.", suffix=".tmp", dir=out))
+        teacher.save(tmp_dir / "kmeans.safetensors")
+        for p in tmp_dir.iterdir():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        if teacher_dir.exists():  # an empty or stale dir from an interrupted run
+            for p in teacher_dir.iterdir():
+                p.unlink()
+            teacher_dir.rmdir()
+        os.replace(tmp_dir, teacher_dir)
+        _fsync_dir(out)
+    load_options = {k: getattr(teacher, k) for k in ("device", "batch_size") if hasattr(teacher, k)}
+    try:
+        return type(teacher).load(model_path, **load_options)
+    except TypeError:
+        return type(teacher).load(model_path)
 
-    # --- phase 3: teacher codes per shard
+
+def _codes_phase(run: _PrepareRun, teacher: Teacher) -> None:
+    """Encode every committed audio shard into ``codes-K.npy`` (skipping shards whose codes are complete)."""
     n_cb = int(teacher.n_codebooks)
-    for k, meta in enumerate(tqdm(metas, desc="teacher codes", unit="shard", disable=not progress)):
+    for k, meta in enumerate(tqdm(run.metas, desc="teacher codes", unit="shard", disable=not run.progress)):
         n_frames = sum(label_frames(it["length"]) for it in meta["items"])
-        codes_path = out / _shard_name("codes", k, "npy")
+        codes_path = run.out / _shard_name("codes", k, "npy")
         if _codes_done(codes_path, n_cb, n_frames):
             continue
-        audio = np.load(out / _shard_name("audio", k, "npy"), mmap_mode="r") if meta["n_samples"] else np.zeros(0, np.int16)
-        codes = _encode_shard(teacher, audio, meta["items"], chunk_samples, context_samples, teacher_batch_size)
+        audio = np.load(run.out / _shard_name("audio", k, "npy"), mmap_mode="r") if meta["n_samples"] else np.zeros(0, np.int16)
+        codes = _encode_shard(teacher, audio, meta["items"], run.settings.chunk_samples, run.settings.context_samples,
+                              run.settings.teacher_batch_size)
         save_npy_atomic(codes_path, codes)
 
-    # --- phase 4: checks, then the index (its presence means "complete and verified")
-    from culturemert.teachers import check_codebook_usage
+
+def _index_phase(run: _PrepareRun, teacher: Teacher) -> PrepareSummary:
+    """Check label/audio alignment and codebook usage, then write ``prepare.json``, ``index.csv`` and, last,
+    ``index.json`` (its presence means "complete and verified")."""
+    out, rows, metas, manifest, settings = run.out, run.rows, run.metas, run.manifest, run.fingerprinted
+    n_cb = int(teacher.n_codebooks)
+
 
     all_codes: list[np.ndarray] = []
     index_items: list[dict[str, Any]] = []
@@ -511,11 +580,11 @@ def prepare(
         all_codes.append(codes)
     if not index_items:
         raise DataError(f"{manifest}: no usable audio (all {len(rows)} files skipped); see {out / 'plan.json'}")
-    check_codebook_usage(all_codes, int(teacher.codebook_size), min_fraction=min_codebook_fraction, teacher=teacher.name)
+    check_codebook_usage(all_codes, int(teacher.codebook_size), min_fraction=run.settings.min_codebook_fraction, teacher=teacher.name)
 
     skipped = [
         {"line": rows[s["id"]].line, "path": rows[s["id"]].raw_path, "reason": s["reason"]}
-        for s in sorted(plan["plan_skipped"] + [s for m in metas for s in m["skipped"]], key=lambda s: s["id"])
+        for s in sorted(run.plan["plan_skipped"] + [s for m in metas for s in m["skipped"]], key=lambda s: s["id"])
     ]
     warnings = [
         {"line": rows[it["id"]].line, "path": rows[it["id"]].raw_path, "warning": w}
@@ -577,6 +646,6 @@ def prepare(
             "items": index_items,
         },
     )
-    summary = PrepareSummary(out, len(index_items), hours, files, skipped, warnings, len(shards), reused)
+    summary = PrepareSummary(out, len(index_items), hours, files, skipped, warnings, len(run.plan["shards"]), run.shards_reused)
     log.info("prepared %d files (%.3f h) into %s; skipped %d", len(index_items), sum(hours.values()), out, len(skipped))
     return summary

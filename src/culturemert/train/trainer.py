@@ -24,9 +24,9 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
 
@@ -34,15 +34,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from culturemert.files import atomic_write_text as _atomic_write_text
 from culturemert.errors import CheckpointError, ConfigError, UserError
-from culturemert.model import HeadsConfig, MertPretrainModel, PretrainingHeads, build_model
+from culturemert.model import HeadsConfig, MertPretrainModel, PretrainingHeads, build_model, model_fingerprint
 from culturemert.objective import MertObjective
 from culturemert.runtime import derive_seed, resolve_device
 from culturemert.train.checkpoints import LoadedCheckpoint, TrainState, list_checkpoints, load_checkpoint, optimizer_from_files, save_checkpoint
-from culturemert.train.distributed import all_reduce_sum, barrier, init_distributed
+from culturemert.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from culturemert.train.param_groups import resolve_trainable
 from culturemert.train.recipe import Recipe, StageSpec, check_recipe_paths
+from culturemert.train.run_log import RunLog, plot_loss_curve
 from culturemert.train.schedule import lr_at, peak_flops, train_flops_per_clip
 from culturemert.train.sources import PreparedSource, iterate_source
 
@@ -62,6 +62,17 @@ class _TrainModule(nn.Module):
 
 class StopTraining(Exception):
     """Raised internally when ``max_steps`` is reached (the run is resumable)."""
+
+
+#: An optimizer state as stored in a training checkpoint: (tensors, JSON metadata).
+OptimizerState = tuple[dict[str, torch.Tensor], dict[str, Any]]
+
+
+@dataclass
+class _RolledBack:
+    """A stage ended early by a rollback; training resumes with this optimizer state (None: a fresh optimizer)."""
+
+    optimizer_state: OptimizerState | None
 
 
 # ======================================================================================================
@@ -85,6 +96,8 @@ class Trainer:
         source_factory: Callable[[Recipe, StageSpec, int], Any] | None = None,
         cqt_module: nn.Module | None = None,
     ):
+        if only_stage is not None and not 1 <= only_stage <= len(recipe.stages):
+            raise ConfigError(f"--stage {only_stage}: the recipe has stages 1..{len(recipe.stages)}")
         self.recipe = recipe
         self.out = Path(out_dir)
         self.resume = resume
@@ -95,10 +108,25 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         self.metrics_path = self.out / "metrics.jsonl"
         self._datasets: list[Any] | None = None
-        self._tb = None
         self._steps_this_run = 0
-        if only_stage is not None and not 1 <= only_stage <= len(recipe.stages):
-            raise ConfigError(f"--stage {only_stage}: the recipe has stages 1..{len(recipe.stages)}")
+        # Created by setup(): the run's state. Declared here so the class's attributes are all in one place.
+        self.device: torch.device
+        self.dist: DistInfo
+        self.run_log: RunLog
+        self.sources: dict[int, Any] = {}
+        self.n_codebooks = 0
+        self.codebook_size = 0
+        self.data_hours: dict[str, float] = {}
+        self.model: MertPretrainModel
+        self.state: TrainState
+        self.objective: MertObjective
+        self.resumed_from: LoadedCheckpoint | None = None
+        # Created per stage by _enter_stage().
+        self.param_names: list[str] = []
+        self.trainable_params: list[nn.Parameter] = []
+        self.optimizer: torch.optim.Optimizer
+        self.train_module: nn.Module
+        self.micro_batch = 0
 
     # -- setup -------------------------------------------------------------------------------------------
     def _source(self, stage: StageSpec, index: int) -> Any:
@@ -167,106 +195,15 @@ class Trainer:
         return hashlib.sha256(self.recipe.model_dump_json().encode()).hexdigest()[:16]
 
     # -- logging -----------------------------------------------------------------------------------------
-    def _open_logs(self, resumed_step: int) -> None:
-        if not self.dist.is_main:
-            return
-        self.out.mkdir(parents=True, exist_ok=True)
-        if self.metrics_path.exists():  # drop lines past the resumed step (and a torn last line)
-            keep = []
-            for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if rec.get("global_step", -1) <= resumed_step or rec.get("event") == "resume":
-                    keep.append(line)
-            _atomic_write_text(self.metrics_path, "".join(k + "\n" for k in keep))
-        self._metrics = open(self.metrics_path, "a", encoding="utf-8")
-        handler = logging.FileHandler(self.out / "train.log", encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger("culturemert").addHandler(handler)
-        self._log_handler = handler
-        tb = self.recipe.runtime.tensorboard
-        if tb != "off":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(self.out / "tensorboard"))
-            except Exception:  # tensorboard not installed
-                if tb == "on":
-                    raise ConfigError("runtime.tensorboard: on, but the tensorboard package is not installed") from None
-
     def _write_metrics(self, record: dict[str, Any]) -> None:
-        if not self.dist.is_main:
-            return
-        self._metrics.write(json.dumps(record) + "\n")
-        self._metrics.flush()
-        if self._tb is not None and "loss" in record:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("global_step",):
-                    self._tb.add_scalar(f"train/{k}", v, record["global_step"])
+        self.run_log.write(record)
 
     def _event(self, kind: str, message: str, **fields: Any) -> None:
-        log.warning("%s", message) if kind != "info" else log.info("%s", message)
-        self._write_metrics({"event": kind, "message": message, "global_step": self.state.global_step, **fields})
-
-    def _close_logs(self) -> None:
-        if not self.dist.is_main:
-            return
-        with contextlib.suppress(Exception):
-            self._metrics.close()
-        if getattr(self, "_log_handler", None) is not None:
-            logging.getLogger("culturemert").removeHandler(self._log_handler)
-            self._log_handler.close()
-        if self._tb is not None:
-            self._tb.close()
+        self.run_log.event(kind, message, self.state.global_step, **fields)
 
     def plot_losses(self) -> Path | None:
-        """``loss_curve.png`` from ``metrics.jsonl`` (matplotlib Agg), stage boundaries marked."""
-        if not self.dist.is_main or not self.metrics_path.exists():
-            return None
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        steps, loss, pred, skipped = [], [], [], []
-        boundaries: dict[str, int] = {}
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if "loss" not in rec:
-                continue
-            boundaries.setdefault(rec.get("stage", "?"), rec["global_step"])
-            if rec.get("skipped"):
-                skipped.append(rec["global_step"])
-            if rec["loss"] is not None and math.isfinite(rec["loss"]):
-                steps.append(rec["global_step"])
-                loss.append(rec["loss"])
-                pred.append(rec.get("pred_loss", float("nan")))
-        if not steps:
-            return None
-        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-        ax.plot(steps, loss, lw=0.8, label="total loss")
-        ax.plot(steps, pred, lw=0.8, label="masked prediction (sum over codebooks)")
-        for name, s in boundaries.items():
-            ax.axvline(s, color="grey", ls="--", lw=0.6)
-            ax.text(s, ax.get_ylim()[1], f" {name}", va="top", fontsize=7, color="grey")
-        if skipped:
-            ax.plot(skipped, [min(loss)] * len(skipped), "rx", ms=4, label="skipped step")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss (nats per masked frame)")
-        ax.set_title(self.recipe.name)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        target = self.out / "loss_curve.png"
-        tmp = self.out / f".loss_curve.{os.getpid()}.png"
-        fig.savefig(tmp)
-        plt.close(fig)
-        os.replace(tmp, target)
-        return target
+        """``loss_curve.png`` from ``metrics.jsonl`` (see :func:`~culturemert.train.run_log.plot_loss_curve`)."""
+        return plot_loss_curve(self.metrics_path, self.out / "loss_curve.png", self.recipe.name)
 
     # -- checkpoint plumbing -----------------------------------------------------------------------------
     def _save(self) -> None:
@@ -297,16 +234,17 @@ class Trainer:
             return ckpt
         return None
 
-    def _apply_checkpoint(self, ckpt: LoadedCheckpoint) -> None:
+    def _apply_checkpoint(self, ckpt: LoadedCheckpoint) -> OptimizerState:
+        """Load the checkpoint's weights, state and RNG; return its optimizer state for the next ``_enter_stage``."""
         missing, unexpected = self.model.load_state_dict(ckpt.model_state, strict=False)
         if missing or unexpected:
             raise CheckpointError(f"{ckpt.path}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
         self.state = ckpt.state
         if "torch_cpu" in ckpt.rng:
             torch.set_rng_state(ckpt.rng["torch_cpu"])
-        self._pending_optimizer = (ckpt.optimizer_tensors, ckpt.optimizer_meta)
         if ckpt.extra.get("recipe_hash") != self._recipe_hash():
             log.warning("%s was written by a different recipe; continuing with the current one", ckpt.path.name)
+        return ckpt.optimizer_tensors, ckpt.optimizer_meta
 
     # -- the step ----------------------------------------------------------------------------------------
     def _autocast(self):
@@ -420,15 +358,15 @@ class Trainer:
         return z if z > f.spike_zscore else None
 
     # -- stage / run ---------------------------------------------------------------------------------------
-    def _enter_stage(self, index: int) -> None:
+    def _enter_stage(self, index: int, optimizer_state: OptimizerState | None) -> None:
+        """Set the stage's trainable parameters and a fresh optimizer (with ``optimizer_state`` when resuming)."""
         stage = self.recipe.stages[index]
         self.param_names = self._set_trainable(stage, index)
         named = dict(self.model.named_parameters())
         self.trainable_params = [named[n] for n in self.param_names]
         self.optimizer = self._make_optimizer(stage, self.trainable_params, self.device)
-        if self._pending_optimizer is not None:
-            tensors, meta = self._pending_optimizer
-            self._pending_optimizer = None
+        if optimizer_state is not None:
+            tensors, meta = optimizer_state
             if tensors or meta.get("param_groups"):
                 if meta.get("param_names") != self.param_names:
                     raise CheckpointError("checkpoint optimizer state is for a different set of trainable parameters")
@@ -490,7 +428,8 @@ class Trainer:
         except (OSError, ValueError, KeyError):
             return False
 
-    def _rollback(self) -> None:
+    def _rollback(self) -> OptimizerState | None:
+        """Go back to the newest good checkpoint (or the base) with a lower LR; return that checkpoint's optimizer state."""
         f = self.recipe.faults
         if self.state.rollbacks >= f.max_rollbacks:
             raise UserError(
@@ -501,15 +440,15 @@ class Trainer:
         rollbacks = self.state.rollbacks + 1
         barrier(self.dist)
         ckpt = self._newest_valid_checkpoint(good_only=True)
+        optimizer_state = None
         if ckpt is not None:
-            self._apply_checkpoint(ckpt)
+            optimizer_state = self._apply_checkpoint(ckpt)
             where = ckpt.path.name
         else:
             fingerprint = self.state.base_fingerprint
             fresh = self._build_model(self.n_codebooks, self.codebook_size)
             self.model.load_state_dict(fresh.state_dict())
             self.state = TrainState(base_fingerprint=fingerprint)
-            self._pending_optimizer = None
             where = "the base model"
         self.state.lr_scale = scale
         self.state.rollbacks = rollbacks
@@ -520,22 +459,28 @@ class Trainer:
             f"LR scale now {scale:g}",
             lr_scale=scale,
         )
+        return optimizer_state
 
-    def run(self) -> Path | None:
-        """Run (or continue) the recipe. Returns the final export dir, or None when stopped by ``max_steps``."""
-        self.device = resolve_device(self.recipe.runtime.device, where="runtime.device")
-        self.dist = init_distributed(self.device.type)
+    def setup(self) -> OptimizerState | None:
+        """Create the run's state: device, process group, data sources, model (resumed if a checkpoint verifies),
+        objective and logs. Returns the resumed checkpoint's optimizer state (None on a fresh start).
+
+        Raises:
+            ConfigError: a recipe that does not fit the data (teacher, stage index).
+            UserError: checkpoints in ``out_dir`` with ``resume="never"``; ``only_stage`` before its predecessors.
+        """
         recipe = self.recipe
+        self.device = resolve_device(recipe.runtime.device, where="runtime.device")
+        self.dist = init_distributed(self.device.type)
         if self._source_factory is None:
             check_recipe_paths(recipe)
-        sources = {}
         first_source = self._source(recipe.stages[0], 0)
-        sources[0] = first_source
+        self.sources = {0: first_source}
         self.n_codebooks, self.codebook_size = int(first_source.n_codebooks), int(first_source.codebook_size)
         tname = getattr(first_source, "teacher_name", None)
         if recipe.teacher.name is not None and tname is not None and recipe.teacher.name != tname:
             raise ConfigError(f"teacher.name is {recipe.teacher.name!r} but the prepared data was tokenised by {tname!r}")
-        self.data_hours = first_source.hours() if hasattr(first_source, "hours") else {}
+        self.data_hours = first_source.hours()
 
         existing = list_checkpoints(self.ckpt_dir)
         if self.resume == "never" and existing:
@@ -550,13 +495,11 @@ class Trainer:
         barrier(self.dist)
 
         self.model = self._build_model(self.n_codebooks, self.codebook_size)
-        from culturemert.model import model_fingerprint
-
         self.state = TrainState(base_fingerprint=model_fingerprint(self.model))
-        self._pending_optimizer: tuple[dict, dict] | None = None
+        optimizer_state = None
         ckpt = self._newest_valid_checkpoint() if self.resume == "auto" else None
         if ckpt is not None:
-            self._apply_checkpoint(ckpt)
+            optimizer_state = self._apply_checkpoint(ckpt)
             log.info(
                 "resuming from %s (stage %d %r, step %d)",
                 ckpt.path.name,
@@ -564,6 +507,7 @@ class Trainer:
                 recipe.stages[min(self.state.stage_index, len(recipe.stages) - 1)].name,
                 self.state.stage_step,
             )
+        self.resumed_from = ckpt
         if self.only_stage is not None and self.state.stage_index < self.only_stage - 1:
             raise UserError(
                 f"--stage {self.only_stage}: stage {self.state.stage_index + 1} has not finished in {self.out}; "
@@ -579,19 +523,25 @@ class Trainer:
 
             cqt = MertCQT(fft_frames=recipe.teacher.cqt_fft_frames)
         self.objective = MertObjective(recipe.objective, cqt).to(self.device)
-        self._open_logs(self.state.global_step)
-        if ckpt is not None:
-            self._write_metrics({"event": "resume", "checkpoint": ckpt.path.name, "global_step": self.state.global_step})
+        self.run_log = RunLog(self.out, is_main=self.dist.is_main, tensorboard=recipe.runtime.tensorboard, title=recipe.name)
+        return optimizer_state
+
+    def run(self) -> Path | None:
+        """Run (or continue) the recipe. Returns the final export dir, or None when stopped by ``max_steps``."""
+        optimizer_state = self.setup()
+        self.run_log.open(self.state.global_step)
+        if self.resumed_from is not None:
+            self._write_metrics({"event": "resume", "checkpoint": self.resumed_from.path.name, "global_step": self.state.global_step})
         try:
-            return self._run_stages(sources)
+            return self._run_stages(optimizer_state)
         except StopTraining:
             return None
         finally:
-            self.plot_losses()
-            self._close_logs()
+            self.run_log.plot()
+            self.run_log.close()
 
-    def _run_stages(self, sources: dict[int, Any]) -> Path | None:
-        recipe = self.recipe
+    def _run_stages(self, optimizer_state: OptimizerState | None) -> Path | None:
+        recipe, sources = self.recipe, self.sources
         last_stage = (self.only_stage or len(recipe.stages)) - 1
         while self.state.stage_index <= last_stage:
             index = self.state.stage_index
@@ -604,23 +554,25 @@ class Trainer:
                 self.state.stage_index += 1
                 self.state.stage_step = 0
                 self.state.bad_streak = 0
-                self._pending_optimizer = None
+                optimizer_state = None
                 continue
             source = sources.get(index) or self._source(stage, index)
             sources[index] = source
-            self._enter_stage(index)
-            rolled_back = self._run_stage(stage, index, source)
-            if rolled_back:
+            self._enter_stage(index, optimizer_state)
+            optimizer_state = None
+            rollback = self._run_stage(stage, index, source)
+            if rollback is not None:
+                optimizer_state = rollback.optimizer_state
                 continue
             self._save()
             self._export(index)
-            self.plot_losses()
+            self.run_log.plot()
         if self.only_stage is None or self.only_stage == len(recipe.stages):
             return self._export(len(recipe.stages) - 1, final=True)
         return self.out / "exports" / f"stage-{last_stage + 1}-{recipe.stages[last_stage].name}"
 
-    def _run_stage(self, stage: StageSpec, index: int, source: Any) -> bool:
-        """Train the stage from ``state.stage_step``; True if a rollback moved the state (re-enter the loop)."""
+    def _run_stage(self, stage: StageSpec, index: int, source: Any) -> _RolledBack | None:
+        """Train the stage from ``state.stage_step``; a :class:`_RolledBack` if a rollback moved the state."""
         recipe = self.recipe
         every = recipe.checkpoint.every_steps
         clips = stage.global_clips()
@@ -667,11 +619,10 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", cps=f"{record['clips_per_s']:.1f}")
                 if self.state.bad_streak >= recipe.faults.max_bad_steps:
-                    self._rollback()
-                    return True
+                    return _RolledBack(self._rollback())
                 if self.state.stage_step < stage.steps and self.state.global_step % every == 0:
                     self._save()
         finally:
             if bar is not None:
                 bar.close()
-        return False
+        return None
