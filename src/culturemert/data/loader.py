@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from culturemert.label_grid import HOP_LENGTH
 from culturemert.audio import int16_to_float
@@ -135,7 +135,7 @@ class MixtureSpec(StrictModel):
     sources: dict[str, float]
     replay: dict[str, float] = {}
     weighting: Literal["explicit", "hours", "uniform", "temperature"] = "explicit"
-    temperature: float = 1.0
+    temperature: float = Field(1.0, gt=0.0)
 
     @field_validator("sources", "replay")
     @classmethod

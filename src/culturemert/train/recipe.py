@@ -7,7 +7,6 @@ trainable parameter groups, steps, batch, optimizer, LR schedule and data mixtur
 from __future__ import annotations
 
 import logging
-import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +19,7 @@ from culturemert.config import StrictModel, load_yaml, parse_config
 from culturemert.errors import ConfigError
 from culturemert.objective import ObjectiveConfig
 from culturemert.train.param_groups import check_pattern
+from culturemert.data.loader import MixtureSpec
 
 log = logging.getLogger(__name__)
 
@@ -48,36 +48,12 @@ class TeacherSpec(StrictModel):
     cqt_fft_frames: int = Field(600, ge=220)  # MertCQT block size: speed/memory only, not the values
 
 
-class MixtureConfig(StrictModel):
-    """Same fields as :class:`culturemert.data.MixtureSpec` (validated again by it)."""
-
-    sources: dict[str, float]
-    replay: dict[str, float] = {}
-    weighting: Literal["explicit", "hours", "uniform", "temperature"] = "explicit"
-    temperature: float = Field(1.0, gt=0.0)
-
-    @model_validator(mode="after")
-    def _valid(self) -> "MixtureConfig":
-        for name, w in {**self.sources, **self.replay}.items():
-            if not math.isfinite(w) or w < 0:
-                raise ValueError(f"weight of {name!r} must be finite and >= 0, got {w}")
-        for name, w in self.replay.items():
-            if w > 1:
-                raise ValueError(f"replay fraction of {name!r} is {w:g}; must be <= 1")
-        total = sum(self.replay.values())
-        if total >= 1:
-            raise ValueError(f"replay fractions sum to {total:g}; must be < 1")
-        if not self.sources:
-            raise ValueError("sources: at least one culture is required")
-        return self
-
-
 class DataSpec(StrictModel):
     dirs: list[str] = Field(min_length=1)  # prepared directories (culturemert prepare)
     split: str | None = "train"
     short_items: Literal["skip", "pad"] = "skip"
     num_workers: int = Field(2, ge=0)  # DataLoader workers building whole batches ahead
-    mixture: MixtureConfig | None = None  # default for stages without their own; None: proportional to hours
+    mixture: MixtureSpec | None = None  # default for stages without their own; None: proportional to hours
 
 
 class BatchSpec(StrictModel):
@@ -167,7 +143,7 @@ class StageSpec(StrictModel):
     optimizer: OptimizerSpec = OptimizerSpec()
     lr: ScheduleSpec
     clip_grad_norm: float | None = Field(10.0, gt=0)  # None: no clipping (the norm is still logged)
-    mixture: MixtureConfig | None = None  # None: data.mixture
+    mixture: MixtureSpec | None = None  # None: data.mixture
 
     @field_validator("trainable")
     @classmethod

@@ -28,10 +28,9 @@ class PreparedSource:
     """:class:`culturemert.data.MixtureLoader` over the recipe's prepared directories for one stage."""
 
     def __init__(self, recipe: Recipe, stage: StageSpec, stage_index: int, datasets: list[Any]):
-        from culturemert.data import MixtureLoader, MixtureSpec
+        from culturemert.data import MixtureLoader
 
-        mix = stage.mixture or recipe.data.mixture
-        spec = MixtureSpec(**mix.model_dump()) if mix is not None else None
+        spec = stage.mixture or recipe.data.mixture
         seed = derive_seed(recipe.seed, "data", stage_index)
         self.loader = MixtureLoader(
             datasets,
