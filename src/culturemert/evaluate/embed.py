@@ -371,7 +371,7 @@ def _refuse_nonfinite(values: torch.Tensor, batch: list[tuple[int, int, np.ndarr
     item, layer = (int(v) for v in bad.nonzero()[0])
     track, chunk = batch[item][0], batch[item][1]
     raise DataError(
-        f"{names[track]}: the encoder returned non-finite values (NaN/inf) {what} in hidden state {layer} "
+        f"{names[track]}: the encoder returned non-finite values (NaN/inf){what} in hidden state {layer} "
         f"(window {chunk}); nothing of this track was cached - check the model's weights"
     )
 
@@ -400,7 +400,7 @@ def _run_group(
             p, f = extractor(wav, settings.frames)
             _refuse_nonfinite(p, batch, names, "")
             if f is not None:  # frames are stored as float16: a finite float32 beyond 65504 would become inf
-                _refuse_nonfinite(f.to(torch.float16), batch, names, "(beyond float16's range in the frames)")
+                _refuse_nonfinite(f.to(torch.float16), batch, names, " (beyond float16's range, in the frames)")
             for i, (t, c, _) in enumerate(batch):
                 pooled[(t, c)] = p[i].numpy()
                 if f is not None:

@@ -28,13 +28,27 @@ import torch
 from culturemert.errors import CheckpointError, ConfigError, UserError
 from culturemert.runtime import resolve_device
 
-__all__ = ["Encoder", "PeakMemory", "fingerprint_of", "require_package", "conv_num_frames", "conv_receptive_field"]
+__all__ = ["Encoder", "PeakMemory", "fingerprint_of", "weights_fingerprint", "require_package", "conv_num_frames", "conv_receptive_field"]
 
 
 def fingerprint_of(family: str, weights: str, **settings: Any) -> str:
     """sha256 over the family, a weights fingerprint and the JSON of any preprocessing settings."""
     material = json.dumps({"family": family, "weights": weights, **settings}, sort_keys=True, default=str)
     return hashlib.sha256(material.encode()).hexdigest()
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every parameter and buffer in name order; unlike the MERT
+    checkpoint fingerprint it also takes 0-dim integer buffers (BatchNorm's ``num_batches_tracked``)."""
+    h = hashlib.sha256()
+    state = module.state_dict()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def conv_num_frames(num_samples: int, kernels: Sequence[int], strides: Sequence[int]) -> int:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from culturemert.errors import CheckpointError, UserError
-from culturemert.evaluate.encoders.base import Encoder, conv_num_frames, conv_receptive_field, fingerprint_of
+from culturemert.evaluate.encoders.base import Encoder, conv_num_frames, conv_receptive_field, fingerprint_of, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +52,6 @@ __all__ = [
 #: model types with the wav2vec 2.0 conv front end on the raw waveform
 WAVEFORM_MODEL_TYPES = ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "wav2vec2-conformer", "unispeech", "unispeech-sat")
 _ADAPTER_VERSION = 1
-
-
-def _weights_fingerprint(model: torch.nn.Module) -> str:
-    from culturemert.checkpoint import state_dict_fingerprint
-
-    return state_dict_fingerprint(model.state_dict())
 
 
 def _feature_extractor(cls: Any, source: str, **defaults: Any) -> Any:
@@ -117,7 +111,7 @@ class _TransformersBase(Encoder):
                 sample_rate: int, frame_rate: float | None, num_hidden_states: int, dim: int, preprocessing: dict,
                 min_samples: int = 1, max_window_s: float | None = None, trust_remote_code: bool = False) -> None:
         self.family = family
-        fingerprint = fingerprint_of(family, _weights_fingerprint(model), adapter=_ADAPTER_VERSION,
+        fingerprint = fingerprint_of(family, weights_fingerprint(model), adapter=_ADAPTER_VERSION,
                                      sample_rate=sample_rate, preprocessing=preprocessing)
         self._declare(name=name, source=source, sample_rate=sample_rate, frame_rate=frame_rate,
                       num_hidden_states=num_hidden_states, dim=dim, fingerprint=fingerprint, device=device,

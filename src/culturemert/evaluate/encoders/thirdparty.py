@@ -30,17 +30,11 @@ from typing import Any
 import torch
 
 from culturemert.errors import CheckpointError, UserError
-from culturemert.evaluate.encoders.base import Encoder, fingerprint_of, require_package
+from culturemert.evaluate.encoders.base import Encoder, fingerprint_of, require_package, weights_fingerprint
 
 __all__ = ["MuQEncoder", "OmarRQEncoder", "DashengEncoder", "load_muq", "load_omar_rq", "load_dasheng"]
 
 _ADAPTER_VERSION = 1
-
-
-def _weights(model: torch.nn.Module) -> str:
-    from culturemert.checkpoint import state_dict_fingerprint
-
-    return state_dict_fingerprint(model.state_dict())
 
 
 def _load_error(package: str, source: str, exc: BaseException) -> CheckpointError:
@@ -63,7 +57,7 @@ class MuQEncoder(Encoder):
         cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(vars(config))
         self._declare(name=name, source=source, sample_rate=rate, frame_rate=rate / (self.hop * self.fold),
                       num_hidden_states=int(config.encoder_depth) + 1, dim=int(config.encoder_dim),
-                      fingerprint=fingerprint_of(self.family, _weights(model), adapter=_ADAPTER_VERSION, config=cfg),
+                      fingerprint=fingerprint_of(self.family, weights_fingerprint(model), adapter=_ADAPTER_VERSION, config=cfg),
                       device=device, precision=precision, min_samples=self.hop * self.fold)
         self.model = model.eval().float().to(self.device)
 
@@ -91,7 +85,7 @@ class OmarRQEncoder(Encoder):
         rate = int(module.sr)
         self._declare(name=name, source=source, sample_rate=rate, frame_rate=float(module.eps),
                       num_hidden_states=self.depth, dim=int(module.net.embed_dim),
-                      fingerprint=fingerprint_of(self.family, _weights(module), adapter=_ADAPTER_VERSION, source=source),
+                      fingerprint=fingerprint_of(self.family, weights_fingerprint(module), adapter=_ADAPTER_VERSION, source=source),
                       device=device, precision=precision, min_samples=max(self.hop * self.patch_t, 1),
                       max_window_s=30.0)  # the package documents inputs "up to 30s"
         self.model = module.eval().float().to(self.device)
@@ -121,7 +115,7 @@ class DashengEncoder(Encoder):
         rate = 16_000
         self._declare(name=name, source=source, sample_rate=rate, frame_rate=rate / (self.hop * self.patch_t),
                       num_hidden_states=self.depth + 1, dim=int(model.embed_dim),
-                      fingerprint=fingerprint_of(self.family, _weights(model), adapter=_ADAPTER_VERSION),
+                      fingerprint=fingerprint_of(self.family, weights_fingerprint(model), adapter=_ADAPTER_VERSION),
                       device=device, precision=precision, min_samples=self.hop * self.patch_t)
         self.model = model.eval().float().to(self.device)
         self._pieces: list[list[torch.Tensor]] | None = None
