@@ -426,3 +426,46 @@ def test_docs_table_lists_every_family():
     table = [line for line in text.splitlines() if line.startswith("| ")]
     for row in FAMILIES:
         assert any(line.startswith(f"| {row['family']} |") for line in table), row["family"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluate: several encoders side by side, and a re-run that needs no model
+
+
+def test_evaluate_ranks_encoders_side_by_side_and_a_rerun_does_no_forward(tmp_path, capsys):
+    from culturemert.cli import main
+
+    w2v = _waveform_model("wav2vec2", tmp_path / "tiny-wav2vec2")
+    rng = np.random.default_rng(0)
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    lines = ["path,split,tags"]
+    for i in range(12):
+        split = ["train", "train", "valid", "test"][i % 4]
+        sf.write(audio / f"c{i}.wav", (rng.normal(size=9000) * (0.3 if i % 2 else 0.05)).astype(np.float32), 24_000)
+        lines.append(f"audio/c{i}.wav,{split},{'loud|any' if i % 2 else 'any|soft'}")
+    (tmp_path / "data.csv").write_text("\n".join(lines) + "\n")
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text("datasets:\n  - kind: csv\n    name: toy\n    paths: {path: data.csv}\n"
+                   "embed: {window: 0.25, device: cpu, decode_workers: 0}\n"
+                   "probe: {lrs: [1e-2], seeds: 2, hidden: 8, max_epochs: 2, device: cpu}\n")
+    out = tmp_path / "out"
+    argv = ["evaluate", "--model", str(w2v), "preset:tiny", "baseline:logmel", "--datasets", str(cfg), "--out", str(out),
+            "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| **rank** | 1 | 2 | 3 |" in printed
+    lb = (out / "report" / "leaderboard.md").read_text()
+    assert all(name in lb for name in ("tiny-wav2vec2", "preset-tiny", "baseline:logmel"))
+    meta = json.loads((out / "features" / "tiny-wav2vec2" / "toy" / "meta.json").read_text())
+    assert meta["settings"]["sample_rate"] == 16_000 and meta["encoder"]["frame_rate"] == 50.0
+    results = json.loads((out / "runs" / "tiny-wav2vec2" / "toy" / "results.json").read_text())
+    assert results["encoder"]["family"] == "wav2vec2" and results["embedding"]["computed"] == 12
+    assert (out / "report" / "layers_toy.png").is_file() and (out / "report" / "embedding.csv").is_file()
+    # a second evaluate of already-embedded encoders runs no model forward at all
+    for runs in (out / "runs").glob("*/toy/results.json"):
+        runs.unlink()  # force the probes to run again, so the embedding path is exercised
+    assert main(argv) == 0
+    for tag in ("tiny-wav2vec2", "preset-tiny", "baseline-logmel"):
+        emb = json.loads((out / "runs" / tag / "toy" / "results.json").read_text())["embedding"]
+        assert emb["from_cache"] and emb["rerun_model_calls"] == 0 and emb["computed"] == 12, tag
