@@ -142,3 +142,4 @@ def test_leaderboard_ranks_encoders_and_reports_embedding_cost(runs, tmp_path):
     with open(written["embedding.csv"]) as fh:
         cost = list(csv.DictReader(fh))
     assert len(cost) == 4 and {c["real_time_factor"] for c in cost} == {"0.02"} and cost[0]["peak_memory_bytes"] == str(300 * 2**20)
+    assert "| base | cpu | 80 | 400 | 8.0 | 0.0200 | 50 | 300 | process_rss | no |" in md  # summed over datasets

@@ -168,6 +168,7 @@ def _plot_layers(path: Path, dataset: str, runs: list[dict[str, Any]]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=False)
     for ax, split in zip(axes, ("valid", "test")):
@@ -187,6 +188,7 @@ def _plot_layers(path: Path, dataset: str, runs: list[dict[str, Any]]) -> None:
                 ax.axhline(100 * weighted[split]["roc_auc"]["mean"], color=line.get_color(), ls="--", lw=1)
         ax.set_title(f"{_DATASET_TITLES.get(dataset, dataset)} — {split} ROC-AUC (best lr per layer)")
         ax.set_xlabel("hidden state index (0 = the encoder's input-side state)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("ROC-AUC (%)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, title="dashed: weighted sum", title_fontsize=7)
@@ -271,17 +273,22 @@ def write_report(
                lb_csv_rows)
     written["leaderboard.csv"] = out / "leaderboard.csv"
 
-    # encoders and what embedding them cost
+    # encoders and what embedding them cost: per (encoder, dataset) in the CSV; per encoder in the report, summed
+    # over its datasets (a track shared by two datasets is computed once, under the first)
     encoder_lines, cost_rows, cost_md = [], [], []
     for m in ranked:
         first = next(r for r in runs if r["model"] == m)
         enc = first.get("encoder") or {}
         if enc:
+            params = enc.get("num_parameters")
             encoder_lines.append(
                 f"- {m}: {enc.get('family')} from `{first.get('model_source', m)}`, {enc.get('sample_rate')} Hz input, "
                 f"{_rate(enc.get('frame_rate'))} frames/s, {enc.get('num_hidden_states')} hidden states x "
-                f"{enc.get('dim')}, remote code: {'**yes** (--trust-remote-code)' if enc.get('trust_remote_code') else 'no'}"
+                f"{enc.get('dim')}" + (f", {params / 1e6:.2f} M parameters" if params else "")
+                + f", remote code: {'**yes** (--trust-remote-code)' if enc.get('trust_remote_code') else 'no'}"
             )
+        total: dict[str, Any] = {"computed": 0, "audio_seconds": 0.0, "seconds": 0.0, "peak": 0, "kind": "",
+                                 "from_cache": True, "any": False}
         for ds in datasets:
             run = index.get((m, ds))
             emb = (run or {}).get("embedding")
@@ -293,11 +300,19 @@ def write_report(
                               emb.get("cached"), emb.get("audio_seconds"), emb.get("seconds"), emb.get("forward_seconds"),
                               rtf, emb.get("peak_memory_bytes"), emb.get("memory_kind"), enc.get("device"),
                               emb.get("world_size"), bool(emb.get("from_cache"))])
-            cost_md.append([m, _DATASET_TITLES.get(ds, ds), str(emb.get("computed")),
-                            f"{emb.get('audio_seconds', 0):.0f}", f"{emb.get('seconds', 0):.1f}",
-                            "–" if rtf is None else f"{rtf:.4f}", _mib(emb.get("peak_memory_bytes")),
-                            str(emb.get("memory_kind", "")), str(enc.get("device", "")),
-                            "yes" if emb.get("from_cache") else "no"])
+            total["any"] = True
+            total["computed"] += int(emb.get("computed") or 0)
+            total["audio_seconds"] += float(emb.get("audio_seconds") or 0.0)
+            total["seconds"] += float(emb.get("seconds") or 0.0)
+            total["peak"] = max(total["peak"], int(emb.get("peak_memory_bytes") or 0))
+            total["kind"] = emb.get("memory_kind") or total["kind"]
+            total["from_cache"] = total["from_cache"] and bool(emb.get("from_cache"))
+        if total["any"]:
+            rtf = total["seconds"] / total["audio_seconds"] if total["audio_seconds"] > 0 else None
+            cost_md.append([m, str(enc.get("device", "")), str(total["computed"]), f"{total['audio_seconds']:.0f}",
+                            f"{total['seconds']:.1f}", "–" if rtf is None else f"{rtf:.4f}",
+                            "–" if rtf is None else f"{1 / rtf:.0f}", _mib(total["peak"]), str(total["kind"]),
+                            "yes" if total["from_cache"] else "no"])
     if cost_rows:
         _write_csv(out / "embedding.csv", ["model", "dataset", "family", "sample_rate", "frame_rate", "hidden_states",
                                            "trust_remote_code", "tracks_computed", "tracks_cached", "audio_seconds",
@@ -390,12 +405,13 @@ def write_report(
         "",
         "## Embedding cost",
         "",
-        "Wall time and peak memory of the run that computed the features (`from cache`: the numbers are those of "
-        "that earlier run; this run did no model forward). RTF = wall seconds per second of audio (lower is "
-        "faster). Memory: CUDA peak allocation on a GPU, else the process's peak resident set during embedding.",
+        "Per encoder, summed over the datasets (per dataset: embedding.csv). Wall time and peak memory of the run "
+        "that computed the features (`from cache`: the numbers are those of that earlier run; this run did no "
+        "model forward). RTF = wall seconds per second of audio (lower is faster). Memory: CUDA peak allocation "
+        "on a GPU, else the process's peak resident set during embedding (imports included).",
         "",
-        _markdown(["model", "dataset", "tracks computed", "audio s", "wall s", "RTF", "peak MiB", "memory", "device",
-                   "from cache"], cost_md) if cost_md else "- (no embedding statistics in these results)",
+        _markdown(["encoder", "device", "tracks computed", "audio s", "wall s", "RTF", "x real time", "peak MiB",
+                   "memory", "from cache"], cost_md) if cost_md else "- (no embedding statistics in these results)",
         "",
         "## ROC-AUC / AP",
         "",

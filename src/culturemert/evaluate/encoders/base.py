@@ -207,6 +207,7 @@ class Encoder:
 
     def describe(self) -> dict[str, Any]:
         """What the report records about this encoder (JSON-serialisable)."""
+        model = getattr(self, "model", None)
         return {
             "family": self.family,
             "source": self.source,
@@ -218,6 +219,7 @@ class Encoder:
             "fingerprint": self.fingerprint,
             "device": str(self.device),
             "precision": self.precision,
+            "num_parameters": sum(p.numel() for p in model.parameters()) if isinstance(model, torch.nn.Module) else None,
         }
 
     def num_frames(self, num_samples: int) -> int | None:
