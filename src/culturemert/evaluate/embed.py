@@ -1,8 +1,9 @@
 """Cached, batched, resumable extraction of per-layer embeddings.
 
-For every track: decode to 24 kHz mono, optionally normalise, cut into windows (:func:`chunk_bounds`), run
-the frozen model on batches of equal-length windows, and mean-pool every hidden state over time per window.
-One track's result is an array ``[n_chunks, n_layers, D]`` float32 (n_layers = transformer layers + 1).
+For every track: decode to mono at the encoder's own sample rate (:mod:`culturemert.evaluate.encoders`),
+optionally normalise, cut into windows (:func:`chunk_bounds`, in seconds), run the frozen encoder on batches of
+equal-length windows, and pool every hidden state over time per window. One track's result is an array
+``[n_chunks, n_layers, D]`` float32 (n_layers = the encoder's number of hidden states).
 
 Chunking policy (deterministic; ``window``/``hop``/``min_last_fraction`` are settings):
 
@@ -36,7 +37,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Protocol, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -46,7 +47,8 @@ from culturemert.audio import TARGET_SAMPLE_RATE, load_audio
 from culturemert.config import StrictModel
 from culturemert.files import name_os_error, save_npy_atomic
 from culturemert.errors import ConfigError, DataError, UserError
-from culturemert.evaluate.encoders import LOGMEL_NAME, Encoder, LogMelEncoder, MertEncoder, PeakMemory, build_encoder
+from culturemert.evaluate.encoders import LOGMEL_NAME  # noqa: F401 - re-exported: embed has always named it
+from culturemert.evaluate.encoders import Encoder, LogMelEncoder, MertEncoder, PeakMemory, build_encoder
 from culturemert.evaluate.features import write_features
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from culturemert.errors import CheckpointError, UserError
