@@ -20,7 +20,7 @@ import soundfile as sf
 
 
 def main(argv: list[str] | None = None) -> int:
-    from culturemert.evaluate.embed import EmbedSettings, build_extractor, embed_tracks, tracks_from_paths
+    from culturemert.evaluate.embed import EmbedSettings, load_encoder, embed_tracks, tracks_from_paths
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, batch, cache in (("batch 1, cold", 1, "c1"), (f"batch {args.batch}, cold", args.batch, "c2"),
                                     (f"batch {args.batch}, cached", args.batch, "c2")):
             settings = EmbedSettings(window=args.window, batch_size=batch, device=args.device, group_tracks=args.batch)
-            extractor = build_extractor(f"preset:{args.preset}", settings)
+            extractor = load_encoder(f"preset:{args.preset}", settings)
             t0 = time.perf_counter()
             report = embed_tracks(extractor, tracks, root / cache, settings, progress=False)
             elapsed = time.perf_counter() - t0

@@ -7,11 +7,10 @@ import pytest
 import soundfile as sf
 import torch
 
+from culturemert.evaluate.encoders import LogMelEncoder, MertEncoder
 from culturemert.evaluate.embed import (
     EmbedSettings,
     FeatureCache,
-    LogMelExtractor,
-    MertExtractor,
     TrackInput,
     chunk_bounds,
     embed_dataset,
@@ -56,7 +55,7 @@ class _CountingModel(torch.nn.Module):
 
 
 def _extractor(seed=0):
-    return MertExtractor(_CountingModel(seed), "tiny", device="cpu")
+    return MertEncoder(_CountingModel(seed), "tiny", device="cpu")
 
 
 def _write(path: Path, seconds: float, seed: int = 0, channels: int = 1, sr: int = SR, scale: float = 0.1):
@@ -146,7 +145,7 @@ def test_normalize_flag(tmp_path):
     loud = tmp_path / "loud.wav"
     rng = np.random.default_rng(5)
     sf.write(loud, np.concatenate([rng.normal(size=SR) * 0.01, rng.normal(size=SR) * 0.5]).astype(np.float32), SR, subtype="FLOAT")
-    lm = LogMelExtractor()
+    lm = LogMelEncoder()
 
     def level(scope):
         settings = S.model_copy(update={"normalize_scope": scope})
@@ -258,7 +257,7 @@ def test_logmel_baseline_and_frames(tmp_path):
     t = np.arange(int(1.5 * SR)) / SR
     path = tmp_path / "sine.wav"
     sf.write(path, (0.3 * np.sin(2 * np.pi * 3000 * t)).astype(np.float32), SR, subtype="FLOAT")
-    ex = LogMelExtractor()
+    ex = LogMelEncoder()
     settings = S.model_copy(update={"frames": True})
     rep = embed_tracks(ex, [TrackInput("s", path)], tmp_path / "cache", settings, progress=False)
     cache = FeatureCache(tmp_path / "cache", ex, settings)

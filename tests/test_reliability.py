@@ -173,11 +173,12 @@ _SLOW_EMBED = textwrap.dedent(
     """
     import sys, time
     from culturemert.evaluate import embed as E
-    real = E.LogMelExtractor.__call__
+    from culturemert.evaluate.encoders import LogMelEncoder
+    real = LogMelEncoder.__call__
     def slow(self, wav, with_frames):
         time.sleep(0.25)
         return real(self, wav, with_frames)
-    E.LogMelExtractor.__call__ = slow
+    LogMelEncoder.__call__ = slow
     # tracks of one group are written one after another: space the writes out so that the kill can land
     # between them however fast the machine computes the group
     real_save = E.save_npy_atomic
@@ -266,10 +267,11 @@ def test_dataset_audio_root_with_symlink_loops_unicode_and_spaces(tmp_path, capl
     assert paths["m1 é"] == root / "m1 é.wav" and paths["m2"] == root / "sub dir" / "m2.flac"
     assert paths["gone"] is None and ds.missing_audio == ["gone"] and "1 of 4" in caplog.text
     # the looping file is found by name; decoding it is what fails, with a per-file reason (embed reports it)
-    from culturemert.evaluate.embed import EmbedSettings, LogMelExtractor, embed_dataset
+    from culturemert.evaluate.embed import EmbedSettings, embed_dataset
+    from culturemert.evaluate.encoders import LogMelEncoder
 
     settings = EmbedSettings(window=0.5, batch_size=2, device="cpu", decode_workers=0)
-    out, report = embed_dataset(LogMelExtractor(), ds, tmp_path / "feats" / "makam", settings, progress=False)
+    out, report = embed_dataset(LogMelEncoder(), ds, tmp_path / "feats" / "makam", settings, progress=False)
     assert set(report.keys) == {"m1 é", "m2"}
     assert "symlink loop" in report.errors["loop"] and "gone" in report.errors
     # the generic CSV loader: Unicode and spaces in paths, a missing file, a loop

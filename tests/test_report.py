@@ -117,3 +117,29 @@ def test_evaluate_pipeline_and_validation_only_sweep(tmp_path):
     assert "test" not in sweep["num_tracks"] and all(p["test"] is None for p in sweep["probes"])
     meta = json.loads((tmp_path / "sweep" / "features_valid" / "preset-tiny" / "toy" / "meta.json").read_text())
     assert {t["split"] for t in meta["tracks"]} == {"train", "valid"}  # the test split is not even embedded
+
+
+def test_leaderboard_ranks_encoders_and_reports_embedding_cost(runs, tmp_path):
+    loaded = load_runs([runs])
+    for r in loaded:
+        r["encoder"] = {"family": "mert", "sample_rate": 24000, "frame_rate": 75.0, "num_hidden_states": 2, "dim": 6,
+                        "trust_remote_code": r["model"] == "culture", "device": "cpu"}
+        r["embedding"] = {"computed": 40, "cached": 0, "audio_seconds": 200.0, "seconds": 4.0, "forward_seconds": 3.0,
+                          "real_time_factor": 0.02, "peak_memory_bytes": 300 * 2**20, "memory_kind": "process_rss",
+                          "world_size": 1, "from_cache": False}
+    written = write_report(loaded, tmp_path, base="base")
+    by_key = {(r["model"], r["dataset"]): r["summary"]["selected"]["test"]["roc_auc"]["mean"] for r in loaded}
+    mean = {m: (by_key[(m, "makam")] + by_key[(m, "magnatagatune")]) / 2 for m in ("base", "culture")}
+    best = max(mean, key=mean.get)
+    with open(written["leaderboard.csv"]) as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0][1] == f"{best}_roc_auc_mean" and [r[0] for r in rows[1:]] == ["makam", "magnatagatune"]
+    assert float(rows[1][1]) == pytest.approx(100 * by_key[(best, "makam")], abs=1e-3)
+    lb = written["leaderboard.md"].read_text()
+    assert "| **rank** | 1 | 2 |" in lb and "layer" in lb
+    md = (tmp_path / "report.md").read_text()
+    assert "## Leaderboard" in md and "remote code: **yes**" in md and "## Embedding cost" in md
+    with open(written["embedding.csv"]) as fh:
+        cost = list(csv.DictReader(fh))
+    assert len(cost) == 4 and {c["real_time_factor"] for c in cost} == {"0.02"} and cost[0]["peak_memory_bytes"] == str(300 * 2**20)
+    assert "| base | cpu | 80 | 400 | 8.0 | 0.0200 | 50 | 300 | process_rss | no |" in md  # summed over datasets

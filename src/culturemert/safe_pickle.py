@@ -155,8 +155,10 @@ class _CheckpointPickleModule:
     __name__ = "culturemert_restricted_pickle"
 
 
-def restricted_torch_load(path: str | Path) -> Any:
+def restricted_torch_load(path: str | Path, *, mmap: bool = False) -> Any:
     """``torch.load`` on CPU that can never execute code from the file (the ``"checkpoint"`` policy).
+
+    ``mmap=True`` maps the tensors instead of reading them (for reading only the metadata of a large file).
 
     Raises:
         CheckpointError: missing file, a refused global (named), or not a torch checkpoint.
@@ -166,7 +168,7 @@ def restricted_torch_load(path: str | Path) -> Any:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         return torch.load(
-            path, map_location="cpu", pickle_module=_CheckpointPickleModule, weights_only=False, mmap=False
+            path, map_location="cpu", pickle_module=_CheckpointPickleModule, weights_only=False, mmap=mmap
         )
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"{path}: {exc}") from None

@@ -1,4 +1,8 @@
-"""``culturemert embed MODEL INPUT... --out DIR``: cached per-layer embeddings."""
+"""``culturemert embed MODEL INPUT... --out DIR``: cached per-layer embeddings.
+
+Under ``torchrun --nproc_per_node N -m culturemert.cli embed ...`` every rank embeds a disjoint share of the
+tracks into the shared cache and rank 0 writes the features folders.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +29,9 @@ class _FileDataset:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="checkpoint (HF dir / Hub id / fairseq .pt / export), 'baseline:logmel' or 'preset:NAME[:SEED]'")
+    parser.add_argument("model", help="encoder spec: a checkpoint (export / HF dir / Hub id / fairseq .pt), 'hf:SOURCE', "
+                        "'remote:SOURCE', 'muq:REPO', 'omar-rq:REPO', 'dasheng:base', 'baseline:logmel' or "
+                        "'preset:NAME[:SEED]' (docs/evaluation.md, 'Encoders')")
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="a dataset config (.yaml: one DatasetConfig or {datasets: [...]}), a generic CSV "
                              "(path,split,tags), audio files, folders of audio, or .txt lists of audio paths")
@@ -45,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 autocast (CUDA only)")
     parser.add_argument("--splits", nargs="*", default=None, help="embed only these splits")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a checkpoint that ships its own model code (e.g. MERT-v2); recorded in meta.json")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -77,7 +85,7 @@ def _datasets_from_inputs(inputs: list[str]) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
-    from culturemert.evaluate.embed import EmbedSettings, build_extractor, embed_dataset
+    from culturemert.evaluate.embed import EmbedSettings, load_encoder, embed_dataset
     from culturemert.files import write_json_atomic
 
     settings = EmbedSettings(
@@ -86,11 +94,13 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch, device=args.device,
     )
     datasets = _datasets_from_inputs(args.inputs)
-    extractor = build_extractor(args.model, settings)
+    extractor = load_encoder(args.model, settings, trust_remote_code=args.trust_remote_code)
     cache = args.cache or args.out / "cache"
     for dataset in datasets:
         out_dir, report = embed_dataset(extractor, dataset, args.out / dataset.name, settings, cache_root=cache,
                                         splits=args.splits, progress=not args.no_progress)
+        if report is None:  # a torchrun rank other than 0: its tracks are in the shared cache
+            continue
         summary = report.as_dict()
         print(f"{dataset.name}: {summary['tracks_ok']} tracks -> {out_dir} "
               f"({summary['computed']} computed, {summary['cached']} cached, {len(report.errors)} errors)")

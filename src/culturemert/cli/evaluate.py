@@ -8,10 +8,14 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", nargs="+", required=True,
-                        help="model sources (checkpoint dirs, Hub ids, 'baseline:logmel', 'preset:NAME')")
+                        help="encoder specs, compared side by side: checkpoints (dirs, Hub ids), 'hf:SOURCE', "
+                             "'remote:SOURCE', 'muq:REPO', 'omar-rq:REPO', 'dasheng:base', 'baseline:logmel', "
+                             "'preset:NAME' (docs/evaluation.md, 'Encoders')")
     parser.add_argument("--datasets", required=True, type=Path, help="evaluation config (datasets, embed, probe)")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--base", default=None, help="base model of the transfer matrix (default: the first)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow checkpoints that ship their own model code (e.g. MERT-v2); the report records it")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -19,19 +23,26 @@ def _check_model_sources(models: list[str]) -> None:
     """A local model path that does not exist fails now, not after the models before it were embedded."""
     from culturemert.errors import UserError
 
-    for model in models:
-        if model.startswith(("baseline:", "preset:")):
+    from culturemert.evaluate.encoders import split_spec
+
+    for spec in models:
+        prefix, model = split_spec(spec)
+        if prefix in ("baseline", "preset", "dasheng"):
             continue
         path = Path(model).expanduser()
         looks_local = model.startswith((".", "/", "~")) or path.suffix in (".pt", ".bin", ".ckpt") or model.count("/") != 1
         if looks_local and not path.exists():
-            raise UserError(f"--model {model}: no such file or directory")
+            raise UserError(f"--model {spec}: no such file or directory")
 
 
 def run(args: argparse.Namespace) -> int:
     from culturemert.evaluate.pipeline import evaluate
 
     _check_model_sources(args.model)
-    written = evaluate(args.model, args.datasets, args.out, base=args.base, progress=not args.no_progress)
-    print(f"report: {written['report.md']}")
+    written = evaluate(args.model, args.datasets, args.out, base=args.base, progress=not args.no_progress,
+                       trust_remote_code=args.trust_remote_code)
+    if written:  # empty on torchrun ranks other than 0
+        print(f"report: {written['report.md']}")
+        if "leaderboard.md" in written:
+            print(written["leaderboard.md"].read_text(encoding="utf-8"))
     return 0

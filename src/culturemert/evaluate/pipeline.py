@@ -23,7 +23,7 @@ from typing import Any, Sequence
 from pydantic import Field
 
 from culturemert.config import StrictModel, load_config
-from culturemert.evaluate.embed import EmbedSettings, build_extractor, embed_dataset
+from culturemert.evaluate.embed import EmbedSettings, load_encoder, embed_dataset
 from culturemert.evaluate.features import load_probe_data
 from culturemert.evaluate.probe import ProbeSettings, run_probe
 from culturemert.evaluate.report import load_runs, write_report
@@ -86,20 +86,56 @@ def _probe_is_current(path: Path, meta: dict[str, Any], settings: ProbeSettings,
     )
 
 
+def _embedding_stats(features_dir: Path, report: Any) -> dict[str, Any]:
+    """Time and memory of the run that computed these features: this run's when it computed any track, else
+    the last such run's (kept in ``embed_stats.json`` beside the features), marked ``from_cache``."""
+    path = features_dir / "embed_stats.json"
+    stats = report.as_dict()
+    stats.pop("errors", None)
+    if report.computed > 0 or not path.is_file():
+        write_json_atomic(path, stats)
+        return {**stats, "from_cache": False}
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {**stats, "from_cache": True}
+    return {**previous, "from_cache": True, "rerun_seconds": stats["seconds"], "rerun_model_calls": stats["model_calls"]}
+
+
+def _embed_only(models: Sequence[str], datasets: list[Any], config: EvalConfig, out_dir: Path, *,
+                validation_only: bool, progress: bool, trust_remote_code: bool) -> None:
+    """torchrun: every rank embeds its share of every model x dataset before rank 0 probes, so no rank waits
+    on another's probes (rank 0 then finds every feature in the shared cache)."""
+    cache = config.cache_dir or out_dir / "cache"
+    splits = ("train", "valid") if validation_only else None
+    sub = "features_valid" if validation_only else "features"
+    for model in models:
+        tag = model_tag(model)
+        extractor = load_encoder(model, config.embed, name=model if model.startswith("baseline:") else tag,
+                                    trust_remote_code=trust_remote_code)
+        for dataset in datasets:
+            embed_dataset(extractor, dataset, out_dir / sub / tag / dataset.name, config.embed, cache_root=cache,
+                          splits=splits, progress=progress, distributed=True)
+
+
 def _embed_and_probe(
-    model: str, datasets: list[Any], config: EvalConfig, out_dir: Path, *, validation_only: bool, progress: bool
+    model: str, datasets: list[Any], config: EvalConfig, out_dir: Path, *, validation_only: bool, progress: bool,
+    trust_remote_code: bool = False,
 ) -> list[tuple[Path, dict[str, Any]]]:
     tag = model_tag(model)
     cache = config.cache_dir or out_dir / "cache"
-    extractor = build_extractor(model, config.embed, name=model if model.startswith("baseline:") else tag)
+    extractor = load_encoder(model, config.embed, name=model if model.startswith("baseline:") else tag,
+                                trust_remote_code=trust_remote_code)
     splits = ("train", "valid") if validation_only else None
     sub = "features_valid" if validation_only else "features"
     results = []
     for dataset in datasets:
         features_dir = out_dir / sub / tag / dataset.name
-        _, report = embed_dataset(extractor, dataset, features_dir, config.embed, cache_root=cache, splits=splits, progress=progress)
+        _, report = embed_dataset(extractor, dataset, features_dir, config.embed, cache_root=cache, splits=splits,
+                                  progress=progress, distributed=False)
         log.info("%s / %s: %d tracks embedded (%d computed, %d cached, %d errors)", tag, dataset.name,
                  len(report.keys), report.computed, report.cached, len(report.errors))
+        embedding = _embedding_stats(features_dir, report)
         data, meta = load_probe_data(features_dir, require_test=not validation_only,
                                      splits=("train", "valid") if validation_only else ("train", "valid", "test"))
         run_dir = out_dir / ("runs_valid" if validation_only else "runs") / tag / dataset.name
@@ -116,6 +152,8 @@ def _embed_and_probe(
             "features_cache_key": meta.get("cache_key"),
             "features_created": meta.get("created"),
             "embed_errors": report.errors,
+            "encoder": extractor.describe(),
+            "embedding": embedding,
         }
         res = run_probe(data, config.probe, progress=progress, evaluate_test=not validation_only, context=context)
         write_json_atomic(path, res)
@@ -130,14 +168,28 @@ def evaluate(
     *,
     base: str | None = None,
     progress: bool = True,
+    trust_remote_code: bool = False,
 ) -> dict[str, Path]:
-    """Embed + probe every model on every dataset, then write the report; returns the report's files."""
+    """Embed + probe every model on every dataset, then write the report; returns the report's files.
+
+    Under torchrun every rank embeds a disjoint share of the tracks (:func:`embed_dataset`); rank 0 then probes
+    and writes the report, the other ranks return ``{}``. ``trust_remote_code`` allows models that ship their
+    own code (recorded per encoder in the results and the report).
+    """
+    from culturemert.evaluate.embed import dist_context
+
     config, base_dir = _load_eval_config(eval_config)
     out = Path(out_dir)
     datasets = _load_datasets(config, base_dir)
+    if dist_context()[1] > 1:
+        _embed_only(models, datasets, config, out, validation_only=False, progress=progress,
+                    trust_remote_code=trust_remote_code)
+        if dist_context()[0] != 0:
+            return {}
     paths = []
     for model in models:
-        paths += [p for p, _ in _embed_and_probe(model, datasets, config, out, validation_only=False, progress=progress)]
+        paths += [p for p, _ in _embed_and_probe(model, datasets, config, out, validation_only=False, progress=progress,
+                                                 trust_remote_code=trust_remote_code)]
     runs = load_runs(paths)
     base_name = None
     if base is not None:

@@ -1,4 +1,5 @@
-"""Reports from probe results: paper-layout tables (Markdown + CSV), layer-wise curves, transfer matrix.
+"""Reports from probe results: the encoder leaderboard, paper-layout tables (Markdown + CSV), layer-wise curves
+of all encoders per dataset, the transfer matrix, and what embedding cost per encoder.
 
 Inputs are ``results.json`` files written by ``culturemert probe`` / ``evaluate`` (one per model x dataset).
 Every cell is the test metric of the validation-selected configuration, mean ± std over seeds, in percent
@@ -18,7 +19,7 @@ from typing import Any, Iterable, Sequence
 from culturemert.files import atomic_write_text
 from culturemert.errors import DataError
 
-__all__ = ["load_runs", "write_report", "PAPER_DATASET_ORDER"]
+__all__ = ["load_runs", "write_report", "leaderboard", "PAPER_DATASET_ORDER"]
 
 #: Column order of the paper's tables; other datasets follow in order of appearance.
 PAPER_DATASET_ORDER = ("makam", "hindustani", "carnatic", "lyra", "fma", "magnatagatune")
@@ -96,6 +97,48 @@ def _table(
     return md_rows, csv_rows
 
 
+def _selected_layer(run: dict[str, Any]) -> str:
+    """The validation-selected layer; for the weighted sum, also the best single layer."""
+    summary = run["summary"]
+    layer = str(summary["selected"]["layer"])
+    if layer == "weighted":
+        single = summary.get("best_single_layer")
+        return "weighted sum" + (f" (best single: {single['layer']})" if single else "")
+    return f"layer {layer}"
+
+
+def leaderboard(
+    runs: list[dict[str, Any]], split: str = "test"
+) -> tuple[list[str], list[str], dict[tuple[str, str], dict[str, Any]]]:
+    """(encoders best first, datasets, cells): encoders ranked by their mean ``split`` ROC-AUC over the datasets
+    they all have results on (ties keep the input order); a cell holds ``roc_auc``/``ap`` (mean, std) in percent
+    and the selected ``layer``."""
+    models = _ordered(r["model"] for r in runs)
+    datasets = _ordered((r["dataset"] for r in runs), PAPER_DATASET_ORDER)
+    index = {(r["model"], r["dataset"]): r for r in runs}
+    cells: dict[tuple[str, str], dict[str, Any]] = {}
+    for (m, d), run in index.items():
+        roc, ap = _cell(run, "roc_auc", split), _cell(run, "ap", split)
+        if roc is not None and ap is not None:
+            cells[(m, d)] = {"roc_auc": roc, "ap": ap, "layer": _selected_layer(run)}
+    common = [d for d in datasets if all((m, d) in cells for m in models)] or datasets
+
+    def score(m: str) -> float:
+        values = [cells[(m, d)]["roc_auc"][0] for d in common if (m, d) in cells]
+        return sum(values) / len(values) if values else -math.inf
+
+    ranked = sorted(models, key=lambda m: (-score(m), models.index(m)))
+    return ranked, datasets, cells
+
+
+def _mib(n: Any) -> str:
+    return "–" if not n else f"{n / 2**20:.0f}"
+
+
+def _rate(v: Any) -> str:
+    return "clip" if v is None else f"{float(v):g}"
+
+
 def _markdown(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -120,6 +163,7 @@ def _plot_layers(path: Path, dataset: str, runs: list[dict[str, Any]]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=False)
     for ax, split in zip(axes, ("valid", "test")):
@@ -138,7 +182,8 @@ def _plot_layers(path: Path, dataset: str, runs: list[dict[str, Any]]) -> None:
             if weighted and split in weighted:
                 ax.axhline(100 * weighted[split]["roc_auc"]["mean"], color=line.get_color(), ls="--", lw=1)
         ax.set_title(f"{_DATASET_TITLES.get(dataset, dataset)} — {split} ROC-AUC (best lr per layer)")
-        ax.set_xlabel("hidden state (0 = conv features)")
+        ax.set_xlabel("hidden state index (0 = the encoder's input-side state)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("ROC-AUC (%)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, title="dashed: weighted sum", title_fontsize=7)
@@ -193,6 +238,82 @@ def write_report(
     written: dict[str, Path] = {}
     titles = [_DATASET_TITLES.get(d, d) for d in datasets]
     split = "test" if all("test" in r["summary"]["selected"] for r in runs) else "valid"
+
+    # leaderboard: datasets x encoders, best encoder first
+    ranked, _, cells = leaderboard(runs, split)
+    lb_md_rows, lb_csv_rows = [], []
+    for ds, title in zip(datasets, titles):
+        md_row, csv_row = [title], [ds]
+        for m in ranked:
+            c = cells.get((m, ds))
+            md_row.append("–" if c is None else f"{_fmt(c['roc_auc'])} / {_fmt(c['ap'])} ({c['layer']})")
+            csv_row += [None] * 5 if c is None else [round(c["roc_auc"][0], 4), round(c["roc_auc"][1], 4),
+                                                      round(c["ap"][0], 4), round(c["ap"][1], 4), c["layer"]]
+        lb_md_rows.append(md_row)
+        lb_csv_rows.append(csv_row)
+    means = []
+    for m in ranked:
+        values = [cells[(m, d)]["roc_auc"][0] for d in datasets if (m, d) in cells]
+        means.append(sum(values) / len(values) if len(values) == len(datasets) else None)
+    lb_md_rows.append(["**mean ROC-AUC**"] + ["–" if v is None else f"**{v:.1f}**" for v in means])
+    lb_md_rows.append(["**rank**"] + [str(i + 1) for i in range(len(ranked))])
+    lb_header = ["dataset"] + ranked
+    leaderboard_md = _markdown(lb_header, lb_md_rows)
+    atomic_write_text(out / "leaderboard.md", f"# Leaderboard ({split} split)\n\nCells: ROC-AUC / AP in %, mean ± std "
+                      "over probe seeds, of the validation-selected configuration (its layer in brackets); encoders "
+                      "ranked by mean ROC-AUC.\n\n" + leaderboard_md + "\n")
+    written["leaderboard.md"] = out / "leaderboard.md"
+    _write_csv(out / "leaderboard.csv", ["dataset"] + [f"{m}_{k}" for m in ranked for k in
+                                                       ("roc_auc_mean", "roc_auc_std", "ap_mean", "ap_std", "layer")],
+               lb_csv_rows)
+    written["leaderboard.csv"] = out / "leaderboard.csv"
+
+    # encoders and what embedding them cost: per (encoder, dataset) in the CSV; per encoder in the report, summed
+    # over its datasets (a track shared by two datasets is computed once, under the first)
+    encoder_lines, cost_rows, cost_md = [], [], []
+    for m in ranked:
+        first = next(r for r in runs if r["model"] == m)
+        enc = first.get("encoder") or {}
+        if enc:
+            params = enc.get("num_parameters")
+            encoder_lines.append(
+                f"- {m}: {enc.get('family')} from `{first.get('model_source', m)}`, {enc.get('sample_rate')} Hz input, "
+                f"{_rate(enc.get('frame_rate'))} frames/s, {enc.get('num_hidden_states')} hidden states x "
+                f"{enc.get('dim')}" + (f", {params / 1e6:.2f} M parameters" if params else "")
+                + f", remote code: {'**yes** (--trust-remote-code)' if enc.get('trust_remote_code') else 'no'}"
+            )
+        total: dict[str, Any] = {"computed": 0, "audio_seconds": 0.0, "seconds": 0.0, "peak": 0, "kind": "",
+                                 "from_cache": True, "any": False}
+        for ds in datasets:
+            run = index.get((m, ds))
+            emb = (run or {}).get("embedding")
+            if not emb:
+                continue
+            rtf = emb.get("real_time_factor")
+            cost_rows.append([m, ds, enc.get("family"), enc.get("sample_rate"), enc.get("frame_rate"),
+                              enc.get("num_hidden_states"), bool(enc.get("trust_remote_code")), emb.get("computed"),
+                              emb.get("cached"), emb.get("audio_seconds"), emb.get("seconds"), emb.get("forward_seconds"),
+                              rtf, emb.get("peak_memory_bytes"), emb.get("memory_kind"), enc.get("device"),
+                              emb.get("world_size"), bool(emb.get("from_cache"))])
+            total["any"] = True
+            total["computed"] += int(emb.get("computed") or 0)
+            total["audio_seconds"] += float(emb.get("audio_seconds") or 0.0)
+            total["seconds"] += float(emb.get("seconds") or 0.0)
+            total["peak"] = max(total["peak"], int(emb.get("peak_memory_bytes") or 0))
+            total["kind"] = emb.get("memory_kind") or total["kind"]
+            total["from_cache"] = total["from_cache"] and bool(emb.get("from_cache"))
+        if total["any"]:
+            rtf = total["seconds"] / total["audio_seconds"] if total["audio_seconds"] > 0 else None
+            cost_md.append([m, str(enc.get("device", "")), str(total["computed"]), f"{total['audio_seconds']:.0f}",
+                            f"{total['seconds']:.1f}", "–" if rtf is None else f"{rtf:.4f}",
+                            "–" if rtf is None else f"{1 / rtf:.0f}", _mib(total["peak"]), str(total["kind"]),
+                            "yes" if total["from_cache"] else "no"])
+    if cost_rows:
+        _write_csv(out / "embedding.csv", ["model", "dataset", "family", "sample_rate", "frame_rate", "hidden_states",
+                                           "trust_remote_code", "tracks_computed", "tracks_cached", "audio_seconds",
+                                           "wall_seconds", "forward_seconds", "real_time_factor", "peak_memory_bytes",
+                                           "memory_kind", "device", "world_size", "stats_from_cache"], cost_rows)
+        written["embedding.csv"] = out / "embedding.csv"
 
     md_main, csv_main = _table(models, datasets, index, ("roc_auc", "ap"), split)
     header_csv = ["model"] + [f"{d}_{m}_{s}" for d in datasets for m in ("roc_auc", "ap") for s in ("mean", "std")] + ["avg"]
@@ -267,6 +388,26 @@ def write_report(
         f"Cells: {split} metric (%) of the validation-selected layer and learning rate, mean ± std over seeds. "
         "Avg. = plain mean of all numbers in the row (as in the paper).",
         "",
+        "## Leaderboard (datasets x encoders, best first)",
+        "",
+        "ROC-AUC / AP (selected layer); encoders ranked by mean ROC-AUC.",
+        "",
+        leaderboard_md,
+        "",
+        "## Encoders",
+        "",
+        *(encoder_lines or ["- (no encoder information in these results)"]),
+        "",
+        "## Embedding cost",
+        "",
+        "Per encoder, summed over the datasets (per dataset: embedding.csv). Wall time and peak memory of the run "
+        "that computed the features (`from cache`: the numbers are those of that earlier run; this run did no "
+        "model forward). RTF = wall seconds per second of audio (lower is faster). Memory: CUDA peak allocation "
+        "on a GPU, else the process's peak resident set during embedding (imports included).",
+        "",
+        _markdown(["encoder", "device", "tracks computed", "audio s", "wall s", "RTF", "x real time", "peak MiB",
+                   "memory", "from cache"], cost_md) if cost_md else "- (no embedding statistics in these results)",
+        "",
         "## ROC-AUC / AP",
         "",
         _markdown(["model"] + titles + ["Avg."], md_main),
@@ -278,7 +419,7 @@ def write_report(
         "## Cross-cultural transfer",
         "",
         *transfer_md,
-        "## Layer-wise curves",
+        "## Layer-wise curves (all encoders per dataset)",
         "",
         *[f"![]({f'layers_{ds}.png'})" for ds in datasets],
         "",
