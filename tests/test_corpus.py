@@ -55,7 +55,7 @@ def _cents(f: float, ref: float) -> float:
 
 def test_known_essen_tune_notes_tags_and_mode():
     """han1 X:1 'Renmin gongshe shizai hao': L:1/16, K:C, M:2/4, first line ``d4A2c2 | d4d4 | A3cd2g2 | c2A2G4``."""
-    pieces = {p.piece_id: p for p in C._scan_abc("chinese")}
+    pieces = {p.piece_id: p for p in C.sources._scan_abc("chinese")}
     piece = pieces["essen_han1_0001"]
     assert piece.title == "Renmin gongshe shizai hao"
     assert "region--shaanxi" in piece.tags  # O: China, Shaanxi, Zizhou
@@ -72,7 +72,7 @@ def test_known_essen_tune_notes_tags_and_mode():
     assert parsed.key_sharps == 0
     # the tune ends on D8 over a C (gong) signature: D is the shang degree
     assert parsed.final_pitch_class() == 2
-    assert C._mode_tag("chinese", parsed) == "mode--shang"
+    assert C.parse.mode_tag("chinese", parsed) == "mode--shang"
 
 
 def test_abc_ties_graces_chords_are_made_monophonic():
@@ -122,7 +122,7 @@ def test_symbtr_archive_matches_an_independent_reader():
     archive = SYMBTR / "symbtr-txt-half.tar.gz"
     if not archive.is_file():
         pytest.skip(f"SymbTr archive not found at {archive} (set CULTUREMERT_SHARED_DATA)")
-    pieces = C._scan_symbtr(SYMBTR)
+    pieces = C.sources._scan_symbtr(SYMBTR)
     assert len(pieces) == 1100
     piece = next(p for p in pieces if p.source == "hicaz--sarki--semai--degdi_saclarima--bekirof.txt")
     assert set(piece.tags) == {"makam--hicaz", "form--sarki", "usul--semai"}
@@ -142,8 +142,8 @@ def test_duplicate_tunes_are_dropped(tmp_path):
     pieces = [C.SourcePiece(f"symbtr_{i}", "turkish", "symbtr", text, f"{i}.txt", "", ("makam--x",))
               for i, text in enumerate([SYMBTR_SNIPPET * 3, other * 3, extra * 3])]
     config = C.CorpusConfig(cultures=["turkish"], symbtr=tmp_path, pieces_per_culture=3, workers=1)
-    with C._TaskRunner(config, progress=False) as runner:
-        chosen, failures = C._select_and_parse(config, {"turkish": pieces}, tmp_path / "cache.json", runner)
+    with C.build._TaskRunner(config, progress=False) as runner:
+        chosen, failures = C.build._select_and_parse(config, {"turkish": pieces}, tmp_path / "cache.json", runner)
     kept = sorted(p.piece_id for p, _ in chosen["turkish"])
     assert failures == 0
     assert len(kept) == 2 and "symbtr_2" in kept
@@ -151,7 +151,7 @@ def test_duplicate_tunes_are_dropped(tmp_path):
 
 
 def test_oneill_overlapping_books_are_not_doubled():
-    pieces = C._scan_abc("irish")
+    pieces = C.sources._scan_abc("irish")
     import music21
 
     root = Path(music21.__file__).resolve().parent / "corpus" / "oneills1850"
@@ -160,7 +160,7 @@ def test_oneill_overlapping_books_are_not_doubled():
     assert raw >= 2000
     # 0626-0635 repeats tunes of 0626-0700, 0732-0758_bs/_mh and 1116-1135_mh/_ml overlap, ...
     assert len(pieces) < raw - 15
-    bodies = [C._abc_body_key(p.text) for p in pieces]
+    bodies = [C.sources._abc_body_key(p.text) for p in pieces]
     assert len(set(bodies)) == len(bodies)
     counts = Counter(t for p in pieces for t in p.tags)
     assert counts["tune_type--reel"] > 200 and counts["tune_type--slip_jig"] > 50
@@ -184,7 +184,7 @@ def test_fluidsynth_microtone_frequency(pitch):
 def test_bundled_soundfont_renders_the_bend_interval(monkeypatch, tmp_path):
     """pretty_midi's TimGM6mb (the pip-only fallback) has samples a few cents off, but a 50-cent bend must
     still move the pitch by 50 cents (within a few cents)."""
-    monkeypatch.setattr(C, "DEBIAN_SOUNDFONTS", (tmp_path / "none.sf2",))
+    monkeypatch.setattr(C.render, "DEBIAN_SOUNDFONTS", (tmp_path / "none.sf2",))
     renderer = C.FluidSynthRenderer(C.resolve_soundfont(None), 24000)
     for program in (0, 40, 73):
         plain, bent = (_peak_frequency(renderer.render([C.ScheduledNote(0.0, 1.5, p, 100)], program, 36000)[2400:33600],
@@ -265,7 +265,7 @@ def test_config_errors_name_the_key(tmp_path):
 
 
 def test_soundfont_falls_back_to_pretty_midi(monkeypatch, tmp_path):
-    monkeypatch.setattr(C, "DEBIAN_SOUNDFONTS", (tmp_path / "none.sf2",))
+    monkeypatch.setattr(C.render, "DEBIAN_SOUNDFONTS", (tmp_path / "none.sf2",))
     path = C.resolve_soundfont(None)
     assert path.name == "TimGM6mb.sf2" and path.is_file()
 
@@ -334,7 +334,7 @@ def test_build_resume_and_consumers(tmp_path):
     dataset = load_generic_csv(out / "corpus.csv")
     assert len(dataset.items) == len(rows) and not dataset.missing_audio
 
-    report = C._load_json(out / "corpus.json")
+    report = C.build._load_json(out / "corpus.json")
     assert report["pieces_per_culture"] == {c: 4 for c in config.cultures}
     assert report["synthesizer"] == summary.synthesizer
 
@@ -434,7 +434,7 @@ def test_cli_builds_from_yaml_with_flag_overrides(tmp_path, capsys):
     assert rc == 0
     rows = _read_rows(out / "corpus.csv")
     assert len(rows) == 2 and {r["culture"] for r in rows} == {"chinese"}
-    report = C._load_json(out / "corpus.json")
+    report = C.build._load_json(out / "corpus.json")
     assert report["config"]["seed"] == 5 and report["config"]["duration_s"] == 1.0
     assert report["config"]["transpose_semitones"] == 0
     assert sf.info(str(out / rows[0]["path"])).frames == 24000
