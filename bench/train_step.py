@@ -8,8 +8,8 @@ broadcast over all classes, nnAudio's time-domain CQT1992v2 for the target), pla
     python bench/train_step.py                 # small preset on CPU (and 95M on CUDA when available)
     python bench/train_step.py --preset tiny --batch 4 --seconds 1 --steps 3
 
-Prints clips/s of both, their ratio, MFU on CUDA (FLOPs per clip as in anchors.md §3.3, ~364 GFLOPs for 95M at
-5 s), and on CUDA the peak memory of a 95M step at 32 x 5 s with and without activation checkpointing.
+Prints clips/s of both, their ratio, MFU on CUDA (FLOPs per clip as docs/performance.md counts them, ~364 GFLOPs for 95M
+at 5 s), and on CUDA the peak memory of a 95M step at 32 x 5 s with and without activation checkpointing.
 """
 
 from __future__ import annotations

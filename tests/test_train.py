@@ -182,7 +182,7 @@ def test_flops_estimate_matches_anchor_for_95m():
     with torch.device("meta"):
         model = build_model("mert-v1-95m")
     flops = train_flops_per_clip(model, 120_000)
-    assert flops == pytest.approx(364e9, rel=0.03)  # anchors.md §3.3: ~364 GFLOPs per 5-s clip incl. CQT
+    assert flops == pytest.approx(364e9, rel=0.03)  # ~364 GFLOPs per 5-s clip incl. CQT, term by term in docs/performance.md
 
 
 # ============================================================================================ training
