@@ -62,6 +62,8 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
 
 
 def optimizer_to_files(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state as safetensors-storable tensors (``\"<param index>.<key>\"``) plus JSON metadata (param
+    groups, scalar state, and ``names`` so a resume can check it trains the same parameters)."""
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
@@ -78,6 +80,7 @@ def optimizer_to_files(optimizer: torch.optim.Optimizer, names: list[str]) -> tu
 
 
 def optimizer_from_files(tensors: Mapping[str, torch.Tensor], meta: dict) -> dict:
+    """The inverse of :func:`optimizer_to_files`: a ``state_dict`` for ``Optimizer.load_state_dict``."""
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         idx, name = key.split(".", 1)
@@ -155,6 +158,9 @@ def save_checkpoint(
 
 @dataclasses.dataclass
 class LoadedCheckpoint:
+    """A verified training checkpoint: model weights, optimizer tensors + JSON metadata, RNG states, the
+    :class:`TrainState` and the trainer's extra fields (recipe hash, stage name)."""
+
     path: Path
     model_state: dict[str, torch.Tensor]
     optimizer_tensors: dict[str, torch.Tensor]

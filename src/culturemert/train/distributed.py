@@ -14,6 +14,8 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class DistInfo:
+    """This process's place in the run: global ``rank``, ``world_size`` and ``local_rank`` (its GPU on the node)."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -28,6 +30,7 @@ class DistInfo:
 
 
 def init_distributed(device_type: str) -> DistInfo:
+    """Join the torchrun process group (NCCL on CUDA, gloo on CPU) when ``WORLD_SIZE`` > 1; a single process otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
@@ -39,6 +42,7 @@ def init_distributed(device_type: str) -> DistInfo:
 
 
 def all_reduce_sum(tensor: torch.Tensor, dist_info: DistInfo) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks, in place (identity in a single process); returns it."""
     if dist_info.enabled:
         import torch.distributed as dist
 
@@ -47,6 +51,7 @@ def all_reduce_sum(tensor: torch.Tensor, dist_info: DistInfo) -> torch.Tensor:
 
 
 def barrier(dist_info: DistInfo) -> None:
+    """Wait for every rank (no-op in a single process)."""
     if dist_info.enabled:
         import torch.distributed as dist
 

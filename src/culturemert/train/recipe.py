@@ -49,6 +49,9 @@ class TeacherSpec(StrictModel):
 
 
 class DataSpec(StrictModel):
+    """The prepared directories a run trains on (all made with the same teacher), the split read from them, and
+    the default culture mixture; ``short_items``: clips shorter than a crop are skipped or padded with ``PAD_CODE``."""
+
     dirs: list[str] = Field(min_length=1)  # prepared directories (culturemert prepare)
     split: str | None = "train"
     short_items: Literal["skip", "pad"] = "skip"
@@ -71,6 +74,8 @@ class BatchSpec(StrictModel):
 
 
 class OptimizerSpec(StrictModel):
+    """AdamW (decoupled weight decay, Loshchilov & Hutter 2019) with fairseq MERT's betas and eps by default."""
+
     name: Literal["adamw"] = "adamw"
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = Field(1e-6, gt=0)
@@ -110,6 +115,9 @@ class ScheduleSpec(StrictModel):
 
 
 class FaultSpec(StrictModel):
+    """What happens on a bad step: a non-finite loss or gradient, or a loss spike (z-score over the recent window),
+    is skipped; ``max_bad_steps`` in a row roll back to the newest good checkpoint with the LR scaled down."""
+
     max_bad_steps: int = Field(5, ge=1)  # consecutive skipped steps before a rollback
     rollback_lr_factor: float = Field(0.5, gt=0, le=1)
     max_rollbacks: int = Field(3, ge=0)  # then stop with an error
@@ -120,11 +128,16 @@ class FaultSpec(StrictModel):
 
 
 class CheckpointSpec(StrictModel):
+    """Training checkpoints every ``every_steps`` optimizer steps (and at stage ends); the newest ``keep_last`` kept."""
+
     every_steps: int = Field(500, ge=1)
     keep_last: int = Field(3, ge=1)
 
 
 class RuntimeSpec(StrictModel):
+    """How the run executes (device, precision, activation checkpointing, torch.compile, logging); none of it
+    changes what is computed beyond floating-point rounding."""
+
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast on CUDA; CPU always runs fp32
     gradient_checkpointing: bool = False
@@ -135,6 +148,14 @@ class RuntimeSpec(StrictModel):
 
 
 class StageSpec(StrictModel):
+    """One training stage: which parameters train (:mod:`~culturemert.train.param_groups` patterns), for how many
+    optimizer steps, on batches of ``batch`` clips of ``crop_seconds`` seconds drawn by ``mixture``, with its own
+    optimizer and LR schedule (re-warmed at the stage start).
+
+    Raises:
+        ConfigError: (from :meth:`global_clips`) ``batch.seconds`` is not a whole number of crops.
+    """
+
     name: str = Field(min_length=1)
     trainable: list[str] = Field(default_factory=lambda: ["all"], min_length=1)
     steps: int = Field(gt=0)
@@ -159,9 +180,11 @@ class StageSpec(StrictModel):
 
     @property
     def crop_samples(self) -> int:
+        """Crop length in samples, on the label grid."""
         return crop_samples(self.crop_seconds)
 
     def global_clips(self) -> int:
+        """Clips per optimizer step over all ranks."""
         if self.batch.clips is not None:
             return self.batch.clips
         clips = self.batch.seconds / self.crop_seconds  # type: ignore[operator]
@@ -174,6 +197,12 @@ class StageSpec(StrictModel):
 
 
 class Recipe(StrictModel):
+    """A whole (continual) pre-training run: base model, teacher, prepared data, objective, stages and runtime.
+
+    Loaded from YAML by :func:`load_recipe` (unknown keys rejected, dotted overrides applied first); see
+    docs/pretraining.md for every key and recipes/ for the shipped recipes.
+    """
+
     name: str = "culturemert"
     seed: int = 1337
     base: BaseSpec

@@ -72,6 +72,7 @@ class PreparedSource:
 
 
 def iterate_source(source: Any, start: int, stop: int) -> Iterator[Mapping[str, Any]]:
+    """Batches ``start .. stop - 1`` of a source: its own ``iterate`` (prefetching loaders) or ``batch(k)`` one by one."""
     if hasattr(source, "iterate"):
         yield from source.iterate(start, stop)
     else:
