@@ -16,6 +16,7 @@ import soundfile as sf
 from culturemert import corpus as C
 from culturemert.config import parse_config
 from culturemert.errors import ConfigError, DataError
+from culturemert.workers import ProcessMap
 
 SHARED_DATA = Path(os.environ.get("CULTUREMERT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SYMBTR = SHARED_DATA / "symbtr"
@@ -142,7 +143,7 @@ def test_duplicate_tunes_are_dropped(tmp_path):
     pieces = [C.SourcePiece(f"symbtr_{i}", "turkish", "symbtr", text, f"{i}.txt", "", ("makam--x",))
               for i, text in enumerate([SYMBTR_SNIPPET * 3, other * 3, extra * 3])]
     config = C.CorpusConfig(cultures=["turkish"], symbtr=tmp_path, pieces_per_culture=3, workers=1)
-    with C.build._TaskRunner(config, progress=False) as runner:
+    with ProcessMap(config.workers, initializer=C.build._worker_init, initargs=(config.model_dump_json(),), progress=False) as runner:
         chosen, failures = C.build._select_and_parse(config, {"turkish": pieces}, tmp_path / "cache.json", runner)
     kept = sorted(p.piece_id for p, _ in chosen["turkish"])
     assert failures == 0

@@ -12,13 +12,9 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
 
 from culturemert.config import StrictModel
 from culturemert.errors import DataError
@@ -46,6 +42,7 @@ from culturemert.corpus.render import (
     renderer_identity,
     resolve_renderer,
 )
+from culturemert.workers import ProcessMap
 from culturemert.corpus.sources import PRIMARY_TAG, SOURCE_DESCRIPTIONS, SourcePiece, scan_sources
 
 log = logging.getLogger(__name__)
@@ -79,54 +76,6 @@ def _render_task(task: tuple[str, dict[str, Any], str]) -> tuple[str, str | None
         return piece_id, None, renderer.name
     except Exception as exc:  # noqa: BLE001 - reported per piece
         return piece_id, f"{type(exc).__name__}: {exc}", ""
-
-
-class _TaskRunner:
-    """``map(fn, tasks)`` in order over ``config.workers`` processes, in-process for one worker.
-
-    The process pool is started on first use and kept for every later batch (parse batches, then rendering),
-    so the interpreter start-up and imports are paid once per worker. Processes are spawned, not forked: the
-    caller may already have imported torch or started threads.
-    """
-
-    def __init__(self, config: CorpusConfig, progress: bool) -> None:
-        self.config = config
-        self.progress = progress
-        self._pool: ProcessPoolExecutor | None = None
-
-    def __enter__(self) -> _TaskRunner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-
-    def map(self, fn: Callable, tasks: list, desc: str) -> Iterator:
-        if not tasks:
-            return
-        bar = tqdm(total=len(tasks), desc=desc, unit="piece", disable=not self.progress, leave=False)
-        try:
-            if self.config.workers <= 1 or len(tasks) == 1 and self._pool is None:
-                previous = dict(_WORKER)
-                _worker_init(self.config.model_dump_json())
-                try:
-                    for task in tasks:
-                        yield fn(task)
-                        bar.update(1)
-                finally:
-                    _WORKER.clear()
-                    _WORKER.update(previous)
-                return
-            if self._pool is None:
-                self._pool = ProcessPoolExecutor(self.config.workers, mp_context=get_context("spawn"),
-                                                 initializer=_worker_init, initargs=(self.config.model_dump_json(),))
-            chunk = max(1, min(8, len(tasks) // (self.config.workers * 8)))
-            for result in self._pool.map(fn, tasks, chunksize=chunk):
-                yield result
-                bar.update(1)
-        finally:
-            bar.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -215,7 +164,7 @@ def _select_and_parse(
     config: CorpusConfig,
     sources: dict[str, list[SourcePiece]],
     cache_path: Path,
-    runner: _TaskRunner,
+    runner: ProcessMap,
 ) -> tuple[dict[str, list[tuple[SourcePiece, ParsedPiece]]], int]:
     """Parse candidates in seeded order until each culture has its quota of distinct pieces."""
     cache: dict[str, Any] = _load_json(cache_path) or {}
@@ -301,12 +250,13 @@ def build_corpus(config: CorpusConfig, out_dir: str | os.PathLike, progress: boo
                     stale.unlink()
         write_text(build_marker, json_text(fingerprint))
 
-    with _TaskRunner(config, progress) as runner:
+    with ProcessMap(config.workers, initializer=_worker_init, initargs=(config.model_dump_json(),), unit="piece",
+                    progress=progress) as runner:
         return _build(config, requested, out, fingerprint, runner, started)
 
 
 def _build(config: CorpusConfig, requested: CorpusConfig, out: Path, fingerprint: dict[str, Any],
-           runner: _TaskRunner, started: float) -> CorpusSummary:
+           runner: ProcessMap, started: float) -> CorpusSummary:
     sources = scan_sources(config)
     log.info("candidates: %s", ", ".join(f"{c} {len(p)}" for c, p in sources.items()))
     chosen, parse_failures = _select_and_parse(config, sources, out / ".notes-cache.json", runner)

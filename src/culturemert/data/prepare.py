@@ -9,13 +9,10 @@ import csv
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +29,7 @@ from culturemert.audio import (
     int16_to_float,
     probe_audio,
 )
+from culturemert.workers import ProcessMap
 from culturemert.files import atomic_write, fsync_dir as _fsync_dir, json_text, save_npy_atomic, write_json_atomic
 from culturemert.config import StrictModel, parse_config
 from culturemert.errors import ConfigError, DataError
@@ -127,48 +125,6 @@ def _decode_row(task: tuple[int, str, int, str]) -> dict[str, Any]:
         "source_sample_rate": report.info.sample_rate,
         "source_channels": report.info.channels,
     }
-
-
-class _Workers:
-    """Ordered map over files, in-process for workers <= 1, else a spawn process pool (safe next to torch).
-
-    If the pool breaks (a worker killed by the OOM killer or a decoder crash, or a main module that spawn cannot
-    re-import, e.g. code piped to ``python -``) the remaining files are decoded in-process instead of hanging.
-    """
-
-    def __init__(self, workers: int):
-        self.workers = workers
-        self._executor: ProcessPoolExecutor | None = None
-
-    def map(self, fn: Callable, tasks: list, desc: str, progress: bool) -> Iterator:
-        bar = tqdm(total=len(tasks), desc=desc, unit="file", disable=not progress, leave=False)
-        try:
-            done = 0
-            if self.workers > 1 and len(tasks) > 1:
-                if self._executor is None:
-                    self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
-                futures = [self._executor.submit(fn, task) for task in tasks]
-                try:
-                    for future in futures:
-                        result = future.result()
-                        done += 1
-                        bar.update()
-                        yield result
-                except BrokenProcessPool:
-                    log.warning("decoding worker pool broke; decoding the remaining %d file(s) in-process", len(tasks) - done)
-                    self.close()
-                    self.workers = 0
-            for task in tasks[done:]:
-                yield fn(task)
-                bar.update()
-        finally:
-            bar.close()
-
-    def close(self) -> None:
-        """Stop the worker processes (idempotent)."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
 
 
 def _teacher_spec(teacher: Any) -> dict[str, Any]:
@@ -422,18 +378,15 @@ def prepare(
     (run.out / "shards").mkdir(exist_ok=True)
     _remove_stale_tmp(run.out)
     _remove_stale_tmp(run.out / "shards")
-    pool = _Workers(settings.workers)
-    try:
+    with ProcessMap(settings.workers, progress=progress) as pool:
         _plan_phase(run, pool)
         _audio_phase(run, pool, _stop_after_shards)
-    finally:
-        pool.close()
     teacher = _fit_phase(run, teacher)
     _codes_phase(run, teacher)
     return _index_phase(run, teacher)
 
 
-def _plan_phase(run: _PrepareRun, pool: _Workers) -> None:
+def _plan_phase(run: _PrepareRun, pool: ProcessMap) -> None:
     """Probe headers and assign rows to shards; a resumed run reuses ``plan.json`` (same fingerprint only)."""
     row_dicts = [asdict(r) for r in run.rows]
     fingerprint = hashlib.sha256(json_text({"settings": run.fingerprinted, "rows": row_dicts}).encode()).hexdigest()
@@ -448,7 +401,7 @@ def _plan_phase(run: _PrepareRun, pool: _Workers) -> None:
         log.info("resuming prepare in %s", run.out)
     else:
         tasks = [(r_id, r.path, run.settings.min_seconds) for r_id, r in enumerate(run.rows)]
-        probe_results = list(pool.map(_probe_row, tasks, "probe", run.progress))
+        probe_results = list(pool.map(_probe_row, tasks, "probe"))
         plan = {
             "version": INDEX_VERSION,
             "fingerprint": fingerprint,
@@ -463,7 +416,7 @@ def _plan_phase(run: _PrepareRun, pool: _Workers) -> None:
     run.plan = plan
 
 
-def _audio_phase(run: _PrepareRun, pool: _Workers, stop_after_shards: int | None) -> None:
+def _audio_phase(run: _PrepareRun, pool: ProcessMap, stop_after_shards: int | None) -> None:
     """Decode every shard's rows into ``audio-K.npy``; ``items-K.json`` (written after it) commits the shard."""
     shards: list[list[int]] = run.plan["shards"]
     min_samples = int(round(run.settings.min_seconds * SAMPLE_RATE))
@@ -477,7 +430,7 @@ def _audio_phase(run: _PrepareRun, pool: _Workers, stop_after_shards: int | None
             raise KeyboardInterrupt("simulated interruption")
         tasks = [(r_id, run.rows[r_id].path, min_samples, run.settings.nonfinite) for r_id in row_ids]
         items, skipped, pieces, offset = [], [], [], 0
-        for res in pool.map(_decode_row, tasks, f"decode shard {k}", run.progress):
+        for res in pool.map(_decode_row, tasks, f"decode shard {k}"):
             if "reason" in res:
                 skipped.append({"id": res["id"], "reason": res["reason"]})
                 continue
