@@ -429,3 +429,44 @@ def test_identical_audio_in_two_splits_is_reported_and_refused_when_strict(tmp_p
     # a validation-only run (λ sweep) only sees the train/valid pair
     valid_only, _ = load_probe_data(folder, require_test=False, splits=("train", "valid"))
     assert [[m["id"] for m in g["tracks"]] for g in valid_only.duplicates] == [["train_7.wav", "valid_1.wav"]]
+
+
+def test_evaluate_cli_takes_a_csv_names_the_protocol_everywhere_and_reports_copied_audio(tmp_path, capsys):
+    import shutil
+
+    import soundfile as sf
+
+    from culturemert.cli import main
+
+    rng = np.random.default_rng(0)
+    rows = ["path,split,tags"]
+    for i in range(18):
+        split = ("train", "train", "valid", "test")[i % 4] if i < 16 else "train"
+        tone = 300 if i % 2 else 900
+        t = np.arange(int(1.3 * 24000)) / 24000
+        sf.write(tmp_path / f"c{i}.wav", 0.3 * np.sin(2 * np.pi * tone * t) + 0.05 * rng.standard_normal(t.size), 24000)
+        rows.append(f"c{i}.wav,{split},{'hi' if i % 2 else 'lo'}{'|both' if i % 3 == 0 else ''}")
+    shutil.copyfile(tmp_path / "c0.wav", tmp_path / "copy_of_c0.wav")  # same bytes, another name, test split
+    rows.append("copy_of_c0.wav,test,lo|both")
+    (tmp_path / "set.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "eval.yaml").write_text(
+        "datasets:\n  - {kind: csv, name: makam, paths: {path: set.csv}}\nembed: {window: 0.5, decode_workers: 0}\n"
+        "probe: {lrs: [1.0e-2], seeds: 1, max_epochs: 3, hidden: 8, device: cpu}\n")
+    out = tmp_path / "out"
+    argv = ["evaluate", "--model", "baseline:logmel", "--datasets", str(tmp_path / "eval.yaml"), "--out", str(out),
+            "--no-progress"]
+    assert main(argv + ["--protocol", "culturemert-paper"]) == 0
+    results = json.loads(next(out.glob("runs/*/makam/results.json")).read_text())
+    assert results["protocol"] == "culturemert-paper" and results["settings"]["protocol"] == "culturemert-paper"
+    assert results["protocol_details"]["truncate_seconds"] == 150.0
+    assert [[m["id"] for m in g["tracks"]] for g in results["duplicate_audio"]] == [["c0", "copy_of_c0"]]
+    report = (out / "report" / "report.md").read_text()
+    assert "Protocol: culturemert-paper" in report and "(protocol culturemert-paper)" in report
+    capsys.readouterr()
+    assert main(argv + ["--duplicate-audio", "error"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "'c0' (train) = 'copy_of_c0' (test)" in err
+    # the CSV itself is a valid --datasets argument (default settings would take long: only check it loads)
+    from culturemert.evaluate.pipeline import _load_eval_config
+
+    assert _load_eval_config(tmp_path / "set.csv")[0].datasets[0].kind == "csv"

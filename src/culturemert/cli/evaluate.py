@@ -9,7 +9,12 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", nargs="+", required=True,
                         help="model sources (checkpoint dirs, Hub ids, 'baseline:logmel', 'preset:NAME')")
-    parser.add_argument("--datasets", required=True, type=Path, help="evaluation config (datasets, embed, probe)")
+    parser.add_argument("--datasets", required=True, type=Path,
+                        help="evaluation YAML (datasets, embed, probe) or a generic dataset CSV (path,split,tags)")
+    parser.add_argument("--protocol", choices=["marble", "marble-windows", "culturemert-paper"], default=None,
+                        help="probing protocol (overrides probe.protocol; default marble, see docs/evaluation.md)")
+    parser.add_argument("--duplicate-audio", choices=["warn", "error"], default=None,
+                        help="identical audio in two splits: warn (default) or refuse")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--base", default=None, help="base model of the transfer matrix (default: the first)")
     parser.add_argument("--no-progress", action="store_true")
@@ -32,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from culturemert.evaluate.pipeline import evaluate
 
     _check_model_sources(args.model)
-    written = evaluate(args.model, args.datasets, args.out, base=args.base, progress=not args.no_progress)
+    overrides = {k: v for k, v in (("protocol", args.protocol), ("duplicate_audio", args.duplicate_audio)) if v}
+    written = evaluate(args.model, args.datasets, args.out, base=args.base, progress=not args.no_progress,
+                       probe_overrides=overrides)
     print(f"report: {written['report.md']}")
     return 0

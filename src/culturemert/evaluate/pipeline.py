@@ -130,9 +130,15 @@ def evaluate(
     *,
     base: str | None = None,
     progress: bool = True,
+    probe_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """Embed + probe every model on every dataset, then write the report; returns the report's files."""
+    """Embed + probe every model on every dataset, then write the report; returns the report's files.
+
+    ``probe_overrides`` replace probe settings of the config (e.g. ``{"protocol": "culturemert-paper"}``)."""
     config, base_dir = _load_eval_config(eval_config)
+    if probe_overrides:
+        probe = ProbeSettings.model_validate({**config.probe.model_dump(), **probe_overrides})
+        config = config.model_copy(update={"probe": probe})
     out = Path(out_dir)
     datasets = _load_datasets(config, base_dir)
     paths = []
