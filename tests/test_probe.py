@@ -470,3 +470,16 @@ def test_evaluate_cli_takes_a_csv_names_the_protocol_everywhere_and_reports_copi
     from culturemert.evaluate.pipeline import _load_eval_config
 
     assert _load_eval_config(tmp_path / "set.csv")[0].datasets[0].kind == "csv"
+
+
+def test_a_step_split_into_row_blocks_gives_the_same_probes():
+    # long tracks make a track-batched step large; the memory knob splits it into accumulated row blocks
+    data = _ragged_data(seed=12)
+    settings = ProbeSettings(lrs=[1e-3, 1e-2], seeds=2, **FAST)
+    specs = make_specs(settings, data.num_layers)
+    whole, _ = train_probes(data, specs, settings, progress=False)
+    blocked, _ = train_probes(data, specs, settings.model_copy(update={"train_block_floats": 1000}), progress=False)
+    for a, b in zip(whole, blocked):
+        assert (a.best_epoch, a.epochs_run, a.optimizer_steps) == (b.best_epoch, b.epochs_run, b.optimizer_steps)
+        for metric in a.test:
+            assert a.test[metric] == pytest.approx(b.test[metric], abs=1e-6)

@@ -238,9 +238,10 @@ def read_features(features_dir: str | Path) -> tuple[np.ndarray, np.ndarray, np.
 def _check_finite(x: np.ndarray, features_dir: str | Path, split: str, tracks: list[int], owner: np.ndarray,
                   meta: dict[str, Any]) -> None:
     """Refuse NaN/inf features: they would poison every probe of the grid (and its selection) silently."""
-    bad_rows = ~np.isfinite(x).reshape(x.shape[0], x.shape[1], -1).all(axis=2)  # [C, L]
-    if not bad_rows.any():
+    block = max(1, 16_000_000 // max(1, x[0].size))  # bounds the temporary mask of a multi-GB split
+    if all(np.isfinite(x[c0 : c0 + block]).all() for c0 in range(0, x.shape[0], block)):
         return
+    bad_rows = ~np.isfinite(x).reshape(x.shape[0], x.shape[1], -1).all(axis=2)  # [C, L]
     chunks = np.flatnonzero(bad_rows.any(axis=1))
     first = int(chunks[0])
     track = meta["tracks"][tracks[int(owner[first])]]

@@ -165,7 +165,7 @@ class ProbeSettings(StrictModel):
     #: bound on floats held by one [probes, windows, D] block of a training step: a step whose windows exceed it
     #: (long tracks under track batching) accumulates its gradient over row blocks (memory knob; results change
     #: only at float-rounding level)
-    train_block_floats: int = Field(default=256_000_000, ge=1_000)
+    train_block_floats: int = Field(default=128_000_000, ge=1_000)
 
     @field_validator("lrs")
     @classmethod
