@@ -8,6 +8,10 @@ here: early stopping is disabled, so the cost per probe is constant); the script
 
     python bench/probe.py                      # MTT size, 2 epochs (GPU if available)
     python bench/probe.py --train 3000 --valid 300 --test 800 --epochs 1   # smaller, CPU-friendly
+    python bench/probe.py --windows 6 --protocol marble-windows            # 6 windows per track (29-s clip, 5-s windows)
+
+With ``--windows W`` every track has 1..W windows (uniform), so ``marble`` steps hold different numbers of windows
+per seed (padded, masked) while ``marble-windows`` takes W/2 times more steps per epoch.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--weighted-sum", action="store_true", help="add the weighted-sum probes to the grid")
     ap.add_argument("--sequential-probes", type=int, default=26, help="probes timed one at a time (then extrapolated)")
+    ap.add_argument("--windows", type=int, default=1, help="windows per track: 1..W, uniform")
+    ap.add_argument("--protocol", default="marble", choices=["marble", "marble-windows", "culturemert-paper"])
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
 
@@ -44,18 +50,20 @@ def main(argv: list[str] | None = None) -> int:
 
     def split(n: int) -> SplitFeatures:
         y = (torch.rand(n, args.tags, generator=g) < 0.06).float()
-        x = torch.randn(n, args.layers, args.dim, generator=g)
-        x[:, :, : args.tags] += 0.5 * torch.linspace(0, 1, args.layers).view(1, -1, 1) * (2 * y.unsqueeze(1) - 1)
-        return SplitFeatures(x, torch.arange(n), y)
+        owner = torch.repeat_interleave(torch.arange(n), torch.randint(1, args.windows + 1, (n,), generator=g))
+        x = torch.randn(owner.numel(), args.layers, args.dim, generator=g)
+        x[:, :, : args.tags] += 0.5 * torch.linspace(0, 1, args.layers).view(1, -1, 1) * (2 * y[owner].unsqueeze(1) - 1)
+        return SplitFeatures(x, owner, y)
 
     data = ProbeData(split(args.train), split(args.valid), split(args.test), [f"t{i}" for i in range(args.tags)])
     lrs = [5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2][: args.lrs]
     settings = ProbeSettings(lrs=lrs, seeds=args.seeds, max_epochs=args.epochs, patience=args.epochs + 1,
-                             weighted_sum=args.weighted_sum, device=str(device))
+                             weighted_sum=args.weighted_sum, device=str(device), protocol=args.protocol)
     specs = make_specs(settings, args.layers)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} CPU threads'}); "
           f"{len(specs)} probes = {args.layers} layers{' + weighted' if args.weighted_sum else ''} x {len(lrs)} lrs x {args.seeds} seeds; "
-          f"{args.train}/{args.valid}/{args.test} tracks, {args.dim}-d, {args.tags} tags, {args.epochs} epochs")
+          f"{args.train}/{args.valid}/{args.test} tracks ({data.train.features.shape[0]} train windows), {args.dim}-d, "
+          f"{args.tags} tags, {args.epochs} epochs, protocol {args.protocol}")
 
     def sync() -> None:
         if device.type == "cuda":
@@ -65,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     n_warm = min(256, args.train)
     warm = ProbeData(SplitFeatures(data.train.features[:n_warm], torch.arange(n_warm), data.train.labels[:n_warm]),
                      data.valid, None, data.vocabulary)
+    n_metrics = 0
     train_probes(warm, specs[:2], settings.model_copy(update={"max_epochs": 1}), progress=False, evaluate_test=False)
     train_probe_reference(warm, specs[0], settings.model_copy(update={"max_epochs": 1}), evaluate_test=False)
 
@@ -91,10 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         for split_name in ("valid", "test"):
             for m, v in getattr(ref, split_name).items():
                 max_diff = max(max_diff, abs(getattr(b, split_name)[m] - v))
+                n_metrics += split_name == "valid" and i == subset[0]
+    print(f"steps     : {outcomes[0].optimizer_steps} optimizer steps for {outcomes[0].epochs_run} epoch(s)")
     print(f"batched   : {batched_s:9.2f} s for all {len(specs)} probes")
     print(f"sequential: {seq_subset_s:9.2f} s for {len(subset)} probes -> {seq_total_s:9.2f} s extrapolated to {len(specs)} (linear)")
     print(f"speed-up  : {seq_total_s / batched_s:9.1f}x")
-    print(f"metrics   : max |batched - sequential| over {len(subset)} probes x 2 splits x 4 metrics = {max_diff:.2e}; "
+    print(f"metrics   : max |batched - sequential| over {len(subset)} probes x 2 splits x {n_metrics} metrics = {max_diff:.2e}; "
           f"best epochs equal: {same_epochs}")
     print("reproduce : python bench/probe.py " + " ".join(sys.argv[1:] if argv is None else argv))
     return 0

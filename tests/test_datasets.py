@@ -402,6 +402,83 @@ def test_unknown_split_value(tmp_path):
         load_generic_csv(_one_row_csv(tmp_path)).split("dev")
 
 
+def _big_csv(path: Path, rows: int = 5100, header: str = "path,split,tags") -> list[str]:
+    lines = [f"audio/clip_{i:04d}.wav,{('train', 'valid', 'test')[i % 3]},genre--{'ab'[i % 2]}|mood--calm" for i in range(rows)]
+    path.write_text(header + "\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    return lines
+
+
+def _cli_error(capsys, argv: list[str]) -> str:
+    from culturemert.cli import main
+
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_evaluate_accepts_a_generic_csv_as_datasets(tmp_path):
+    from culturemert.evaluate.pipeline import EvalConfig, _load_eval_config
+
+    csv_path = tmp_path / "mytradition.csv"
+    _big_csv(csv_path, rows=9)
+    config, base = _load_eval_config(csv_path)
+    assert isinstance(config, EvalConfig) and base == tmp_path.resolve()
+    (entry,) = config.datasets
+    assert (entry.kind, entry.name, entry.paths) == ("csv", "mytradition", {"path": str(csv_path.resolve())})
+    dataset = load_dataset_from_config(entry, base)
+    assert [it.split for it in dataset.items][:3] == ["train", "valid", "test"]
+    assert dataset.vocabulary == ["mood--calm", "genre--a", "genre--b"]
+
+
+@pytest.mark.parametrize("case", ["no split column", "unclosed quote", "csv under a .yaml name", "list yaml"])
+def test_errors_on_large_inputs_are_one_short_line(tmp_path, capsys, case):
+    # a 5,100-row input that is not what was expected: the error names the file and what was expected, in one
+    # line, and never echoes the input (the old message printed the whole CSV, 316 KB)
+    path = tmp_path / ("big.yaml" if "yaml" in case else "big.csv")
+    if case == "list yaml":
+        path.write_text("".join(f"- row {i}\n" for i in range(5100)), encoding="utf-8")
+        rows = [f"row {i}" for i in range(5100)]
+    else:
+        rows = _big_csv(path, header="path,tags" if case == "no split column" else "path,split,tags")
+    if case == "unclosed quote":
+        text = path.read_text(encoding="utf-8").replace("audio/clip_0002.wav", '"audio/clip_0002.wav', 1)
+        path.write_text(text, encoding="utf-8")
+    err = _cli_error(capsys, ["evaluate", "--model", "baseline:logmel", "--datasets", str(path),
+                              "--out", str(tmp_path / "out"), "--no-progress"])
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and len(lines[0].replace(str(path), "")) < 300, err[:500]
+    assert str(path) in lines[0]
+    assert sum(row in err for row in rows[:50]) <= 1
+    expected = {"no split column": "missing column\(s\) split; expected 'a header row path,split,tags'",
+                "unclosed quote": "big.csv:.*(malformed row|unknown split value)",
+                "csv under a .yaml name": "expected a YAML mapping of EvalConfig settings.*plain text",
+                "list yaml": "expected a YAML mapping of EvalConfig settings.*a list of 5100 item"}[case]
+    assert re.search(expected, lines[0]), lines[0]
+
+
+def test_config_errors_name_the_key_in_one_line_without_echoing_values(tmp_path):
+    from culturemert.config import load_config
+    from culturemert.evaluate.probe import ProbeConfig
+
+    long_value = "x" * 10_000
+    bad = tmp_path / "probe.yaml"
+    bad.write_text(f"features: f\nseeds: {long_value}\nlearning_rates: [1]\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(bad, ProbeConfig)
+    message = str(info.value)
+    assert "\n" not in message and len(message.replace(str(bad), "")) < 250
+    assert "seeds: Input should be a valid integer" in message and "learning_rates: unknown key" in message
+    text = tmp_path / "text.yaml"
+    text.write_text(long_value + "\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"text.yaml: expected a YAML mapping of ProbeConfig settings") as info:
+        load_config(text, ProbeConfig)
+    assert len(str(info.value).replace(str(text), "")) < 200
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("a: [1, 2\nb: " + long_value + "\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"broken.yaml: invalid YAML at line \d+, column \d+") as info:
+        load_config(broken, ProbeConfig)
+    assert "\n" not in str(info.value) and len(str(info.value).replace(str(broken), "")) < 150
+
+
 def _one_row_csv(tmp_path: Path) -> Path:
     path = tmp_path / "one.csv"
     path.write_text("path,split,tags\na.wav,train,x\n", encoding="utf-8")

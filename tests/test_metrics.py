@@ -54,7 +54,8 @@ def test_tags_without_positives_or_negatives_are_excluded_and_reported():
     assert scores.roc_auc == pytest.approx(roc_auc_score(y[:, keep], s[:, keep], average="macro"), abs=1e-12)
     assert scores.ap == pytest.approx(average_precision_score(y[:, keep], s[:, keep]), abs=1e-12)
     pred = s > 0
-    assert scores.macro_f1 == pytest.approx(f1_score(y[:, keep], pred[:, keep], average="macro", zero_division=0), abs=1e-12)
+    # F1 is defined for every tag: macro-F1 averages all of them, as scikit-learn does (no exclusion)
+    assert scores.macro_f1 == pytest.approx(f1_score(y, pred, average="macro", zero_division=0), abs=1e-12)
     # micro-F1 pools all tags, excluded ones included
     assert scores.micro_f1 == pytest.approx(f1_score(y, pred, average="micro"), abs=1e-12)
     assert np.isnan(roc_auc_per_tag(y, s).numpy()[[2, 5]]).all()
@@ -74,3 +75,40 @@ def test_batched_macro_auc_equals_per_probe():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="must both be"):
         tagging_scores(np.zeros((3, 2)), np.zeros((3, 3)))
+
+
+def test_macro_f1_counts_a_tag_absent_from_the_split_like_sklearn():
+    # 20 tags; tag 7 has no positive in this split but is predicted positive on 5 tracks. scikit-learn's
+    # macro-F1 (zero_division=0) counts it as F1 0; dropping it (the old behaviour) inflated macro-F1 by 1/19.
+    rng = np.random.default_rng(11)
+    n, k = 200, 20
+    y = (rng.random((n, k)) < 0.3).astype(np.float64)
+    y[:, 7] = 0
+    logits = np.where(y > 0, 1.0, -1.0) + rng.normal(0, 0.9, size=(n, k))
+    logits[:, 7] = -3.0
+    logits[:5, 7] = 3.0  # five false positives on the absent tag
+    pred = logits > 0
+    scores = tagging_scores(y, logits)
+    expected = f1_score(y, pred, average="macro", zero_division=0)
+    assert scores.macro_f1 == pytest.approx(expected, abs=1e-12)
+    without_absent = f1_score(np.delete(y, 7, 1), np.delete(pred, 7, 1), average="macro", zero_division=0)
+    assert scores.macro_f1 == pytest.approx(without_absent * 19 / 20, abs=1e-12)
+    assert scores.macro_f1 < without_absent - 0.03
+    # ROC-AUC/AP keep the documented exclusion (sklearn cannot score a tag without both classes)
+    assert scores.excluded_tags == ["tag7"]
+    assert scores.roc_auc == pytest.approx(roc_auc_score(np.delete(y, 7, 1), np.delete(logits, 7, 1)), abs=1e-12)
+    # and a tag absent and never predicted scores 0 too (zero_division=0)
+    logits[:5, 7] = -3.0
+    assert tagging_scores(y, logits).macro_f1 == pytest.approx(
+        f1_score(y, logits > 0, average="macro", zero_division=0), abs=1e-12)
+
+
+def test_batched_auc_is_undefined_for_diverged_probes_and_unscorable_labels():
+    y, _ = _random_case(4, n=40, k=3)
+    logits = torch.randn(3, 40, 3, dtype=torch.float64)
+    logits[1, 5, 2] = float("nan")  # one diverged probe
+    auc = batched_macro_roc_auc(torch.tensor(y), logits)
+    assert torch.isfinite(auc[[0, 2]]).all() and torch.isnan(auc[1])
+    no_both = np.zeros((40, 3))
+    no_both[:, 0] = 1  # every tag lacks a class
+    assert torch.isnan(batched_macro_roc_auc(torch.tensor(no_both), logits)).all()

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from culturemert.errors import ConfigError
 
-__all__ = ["ConfigError", "StrictModel", "load_yaml", "load_config", "format_validation_error"]
+__all__ = ["ConfigError", "StrictModel", "load_yaml", "load_config", "format_validation_error", "short_repr"]
 
 
 class StrictModel(BaseModel):
@@ -53,6 +53,23 @@ def _no_duplicate_keys(loader: _Loader, node: yaml.MappingNode, deep: bool = Fal
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)
 
 
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: error messages name a bad value, they never echo an input file."""
+    text = repr(value)
+    if len(text) > limit:
+        text = text[: limit - 15] + f"... ({len(text):,} chars)"
+    return text
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, str):
+        first = value.splitlines()[0] if value.strip() else ""
+        return f"plain text ({len(value):,} characters, first line {short_repr(first, 50)})"
+    if isinstance(value, list):
+        return f"a list of {len(value)} item(s)"
+    return f"a {type(value).__name__}"
+
+
 def load_yaml(path: str | Path) -> Any:
     """Parse a YAML file safely (no object construction), rejecting duplicate keys."""
     path = Path(path)
@@ -61,21 +78,29 @@ def load_yaml(path: str | Path) -> Any:
     try:
         with path.open("r", encoding="utf-8") as fh:
             return yaml.load(fh, Loader=_Loader)  # noqa: S506 - _Loader derives from SafeLoader
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); expected a YAML file") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        # PyYAML's own message spans several lines with a snippet of the input; keep the problem and its place
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = problem if len(problem) <= 120 else problem[:105] + "..."
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
 
 
 def format_validation_error(exc: ValidationError, source: str = "config") -> str:
-    lines = [f"{source}: {exc.error_count()} invalid value(s):"]
+    """One line: the source, then ``key: what was expected (got value)`` per invalid value, the values cut short."""
+    parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "<root>"
         if err["type"] == "extra_forbidden":
-            lines.append(f"  - {loc}: unknown key")
+            parts.append(f"{loc}: unknown key")
         else:
             got = err.get("input")
-            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  - {loc}: {err['msg']}{got_s}")
-    return "\n".join(lines)
+            got_s = "" if isinstance(got, dict) else f" (got {short_repr(got)})"
+            parts.append(f"{loc}: {err['msg']}{got_s}")
+    return f"{source}: {exc.error_count()} invalid value(s): " + "; ".join(parts)
 
 
 T = TypeVar("T", bound=BaseModel)
@@ -89,8 +114,13 @@ def parse_config(data: Any, cls: type[T], source: str = "config") -> T:
 
 
 def load_config(path: str | Path, cls: type[T]) -> T:
-    """Load and validate ``path`` as ``cls``; raises :class:`ConfigError` naming every bad key."""
+    """Load and validate ``path`` as ``cls``; raises :class:`ConfigError` naming every bad key, or, for a file that
+    is not a YAML mapping (e.g. a CSV or a list), saying so in one line without echoing the content."""
     data = load_yaml(path)
     if data is None:
         data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: expected a YAML mapping of {cls.__name__} settings (key: value lines), got {_describe(data)}"
+        )
     return parse_config(data, cls, source=str(path))

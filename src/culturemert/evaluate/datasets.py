@@ -38,7 +38,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from culturemert.files import atomic_write_text
-from culturemert.config import StrictModel
+from culturemert.config import StrictModel, short_repr
 from culturemert.errors import ConfigError, DataError
 from culturemert.safe_pickle import RestrictedUnpickler
 
@@ -97,7 +97,7 @@ def _normalise_split(value: str, where: str) -> str:
     split = _SPLIT_ALIASES.get(value.strip().lower())
     if split is None:
         raise DataError(
-            f"{where}: unknown split value {value!r} (expected one of train/training, valid/validation/val, test)"
+            f"{where}: unknown split value {short_repr(value)} (expected one of train/training, valid/validation/val, test)"
         )
     return split
 
@@ -387,7 +387,7 @@ def _load_npy_splits(split_dir: str | Path) -> dict[str, list[str]]:
     for split, ids in splits.items():
         for rid in ids:
             if rid in seen:
-                raise DataError(f"{split_dir}: id {rid!r} is in both the {seen[rid]} and the {split} split")
+                raise DataError(f"{split_dir}: id {short_repr(rid)} is in both the {seen[rid]} and the {split} split")
             seen[rid] = split
     return splits
 
@@ -399,15 +399,33 @@ def _read_tsv(path: Path, required: Sequence[str], delimiter: str = "\t") -> lis
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
+def _header_summary(header: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(short_repr(h, 40) for h in header[:limit])
+    return shown + (f", ... ({len(header)} columns)" if len(header) > limit else "")
+
+
 def _read_tsv_rows(path: Path, required: Sequence[str], delimiter: str) -> list[dict[str, str]]:
     with path.open("r", encoding="utf-8", newline="") as fh:
         reader = csv.DictReader(fh, delimiter=delimiter)
-        header = reader.fieldnames or []
+        try:
+            header = reader.fieldnames or []
+        except csv.Error as exc:
+            raise DataError(f"{path}:1: malformed header ({exc})") from None
         absent = [c for c in required if c not in header]
         if absent:
-            raise DataError(f"{path}: missing column(s) {', '.join(absent)} (header: {', '.join(header)})")
+            expected = "a header row " + delimiter.join(required) if required else "a header row"
+            raise DataError(
+                f"{path}: missing column(s) {', '.join(absent)}; expected {expected!r} "
+                f"(found {_header_summary(header)})"
+            )
         rows = []
-        for row in reader:
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:  # e.g. an unclosed quote swallowing the rest of the file into one field
+                raise DataError(f"{path}:{reader.line_num}: malformed row ({exc})") from None
             line = reader.line_num
             if None in row or any(v is None for v in row.values()):
                 n_fields = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or [])
@@ -475,7 +493,7 @@ def load_lyra(
         source = {row["id"]: row for row in _read_tsv(raw_path, required)}
         absent = [row["id"] for row in training + test if row["id"] not in source]
         if absent:
-            raise DataError(f"{raw_path}: {len(absent)} split id(s) not in raw.tsv, e.g. {absent[:3]}")
+            raise DataError(f"{raw_path}: {len(absent)} split id(s) not in raw.tsv, e.g. {short_repr(absent[:3], 120)}")
     else:
         for path in ("training.tsv", "test.tsv"):
             _read_tsv(split_dir / path, required)
@@ -487,7 +505,7 @@ def load_lyra(
         for i, row in enumerate(rows):
             rid = row["id"]
             if rid in seen:
-                raise DataError(f"{split_dir}: Lyra id {rid!r} appears twice in the split files")
+                raise DataError(f"{split_dir}: Lyra id {short_repr(rid)} appears twice in the split files")
             seen.add(rid)
             split = "test" if is_test else ("valid" if i in valid_rows else "train")
             records.append((rid, split, _lyra_tags(source[rid]), [rid]))
@@ -510,7 +528,7 @@ def _names(entries: Any, key: str, where: str) -> list[str]:
     out = []
     for entry in entries:
         if not isinstance(entry, Mapping):
-            raise DataError(f"{where}: expected objects with a {key!r} field, got {entry!r}")
+            raise DataError(f"{where}: expected objects with a {key!r} field, got {short_repr(entry)}")
         value = entry.get(key)
         if value is None and key == "common_name":
             value = entry.get("name")  # some Dunya entries lack a common name
@@ -591,7 +609,7 @@ def _dunya_tags_from_value(tradition: str, rid: str, value: Any, where: str) -> 
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         bad = [v for v in value if "--" not in v]
         if bad:
-            raise DataError(f"{where}: recording {rid}: tags must be type-prefixed (e.g. 'makam--Hicaz'), got {bad[:3]}")
+            raise DataError(f"{where}: recording {rid}: tags must be type-prefixed (e.g. 'makam--Hicaz'), got {short_repr(bad[:3])}")
         return list(dict.fromkeys(value))
     raise DataError(f"{where}: recording {rid}: expected a Dunya recording object or a list of tags")
 
@@ -851,14 +869,14 @@ def load_magnatagatune(
         lists = _mtat_split_lists(_require_dir(split_dir, "MagnaTagATune split directory"))
         absent = [c for s in SPLITS for c in lists[s] if c not in tags_by_clip]
         if absent:
-            raise DataError(f"{annotations_csv}: {len(absent)} clip(s) of the split lists are not annotated, e.g. {absent[:3]}")
+            raise DataError(f"{annotations_csv}: {len(absent)} clip(s) of the split lists are not annotated, e.g. {short_repr(absent[:3], 120)}")
         assignment = [(clip, s) for s in SPLITS for clip in lists[s]]
     else:
         hex_split = {**{d: "train" for d in "0123456789ab"}, "c": "valid", **{d: "test" for d in "def"}}
         for clip in tags_by_clip:
             split = hex_split.get(clip[:1].lower())
             if split is None or clip[1:2] != "/":
-                raise DataError(f"{annotations_csv}: clip {clip!r} is not under a hex-digit folder")
+                raise DataError(f"{annotations_csv}: clip {short_repr(clip)} is not under a hex-digit folder")
             assignment.append((clip, split))
     records = [(clip, split, tags_by_clip[clip], [clip]) for clip, split in assignment]
     items, missing = _resolve_audio("magnatagatune", records, audio_root)
@@ -916,7 +934,7 @@ def _read_fma_tracks(
         try:
             track_id = f"{int(row[0]):06d}"
         except ValueError:
-            raise DataError(f"{tracks_csv}:{line}: track id {row[0]!r} is not an integer") from None
+            raise DataError(f"{tracks_csv}:{line}: track id {short_repr(row[0])} is not an integer") from None
         value = row[genre_col].strip()
         if genre_field == "genre_top":
             names = [value] if value else []
@@ -959,7 +977,7 @@ def load_fma(
         tags_by_id = {}
         for key, value in data.items():
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise DataError(f"{path}: track {key!r}: expected a list of genre names")
+                raise DataError(f"{path}: track {short_repr(key)}: expected a list of genre names")
             tags_by_id[str(key)] = value
     elif path.suffix.lower() == ".csv":
         tags_by_id, own_split = _read_fma_tracks(
@@ -975,7 +993,7 @@ def load_fma(
         raise DataError(f"{path}: no split information; pass split_dir (ccml's fma/split)")
     absent = [rid for s in SPLITS for rid in splits[s] if rid not in tags_by_id]
     if absent:
-        raise DataError(f"{path}: {len(absent)} split track id(s) have no metadata, e.g. {absent[:3]}")
+        raise DataError(f"{path}: {len(absent)} split track id(s) have no metadata, e.g. {short_repr(absent[:3], 120)}")
     records = [(rid, s, tags_by_id[rid], [f"{rid[:3]}/{rid}", rid]) for s in SPLITS for rid in splits[s]]
     items, missing = _resolve_audio("fma", records, audio_root)
     return _finish("fma", items, missing, top_n, vocabulary, audio_root=audio_root)
@@ -1012,7 +1030,7 @@ def load_generic_csv(
         audio = audio if audio.is_absolute() else base / audio
         rid = (row.get("id") or "").strip() or Path(row["path"].strip()).with_suffix("").as_posix()
         if rid in seen:
-            raise DataError(f"{where}: duplicate id {rid!r}")
+            raise DataError(f"{where}: duplicate id {short_repr(rid)}")
         seen.add(rid)
         split = _normalise_split(row["split"], where)
         if not audio.is_file():

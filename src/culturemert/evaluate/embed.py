@@ -636,5 +636,5 @@ def embed_dataset(
         "num_layers": extractor.num_layers,
         "dim": extractor.dim,
         "errors": report.errors,
-    })
+    }, audio_keys=[report.keys[it.id] for it in kept])
     return out_dir, report

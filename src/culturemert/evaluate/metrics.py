@@ -8,10 +8,14 @@ per epoch in one call. The definitions equal scikit-learn's (tests check them ag
   area under the ROC curve).
 * AP of one tag is sum_n (R_n - R_{n-1}) P_n over the distinct score thresholds (= sklearn, ties grouped).
 * F1 uses ``sigmoid(logit) > threshold`` (i.e. ``logit > 0`` at 0.5), as torchmetrics' multilabel F1 does.
+  Macro-F1 is scikit-learn's ``f1_score(average="macro", zero_division=0)``: the plain mean over **every** tag
+  of the vocabulary; a tag with no positive in the split scores 0 (its F1 is 0 whether or not it is predicted),
+  exactly as scikit-learn and torchmetrics' multilabel ``F1Score(average="macro")`` count it.
 
-Tags with no positive or no negative example in the evaluated split have no ROC-AUC/AP; they are excluded
-from every macro average (the same tag set for all macro metrics, so the numbers stay comparable) and listed
-in :class:`TaggingScores.excluded_tags`. Micro-F1 pools the counts of all tags, excluded ones included.
+Tags with no positive or no negative example in the evaluated split have no ROC-AUC/AP (scikit-learn refuses
+to score them); they are excluded from the macro ROC-AUC and macro AP of that split and listed in
+:class:`TaggingScores.excluded_tags`. F1 has no such exclusion: micro-F1 pools the counts of all tags and
+macro-F1 averages all tags.
 """
 
 from __future__ import annotations
@@ -108,10 +112,11 @@ def f1_scores(
     tag_mask: torch.Tensor | None = None,
     threshold: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(micro-F1 over all tags, macro-F1 over ``tag_mask`` tags) for [..., N, K] labels and logits.
+    """(micro-F1, macro-F1) for [..., N, K] labels and logits.
 
     A prediction is positive when ``sigmoid(logit) > threshold``. Per-tag F1 = 2TP / (2TP + FP + FN), 0 when
-    the denominator is 0 (sklearn's ``zero_division=0``).
+    the denominator is 0 (sklearn's ``zero_division=0``). Macro-F1 is the mean over all tags (scikit-learn
+    ``f1_score(average="macro", zero_division=0)``) unless ``tag_mask`` restricts it; micro-F1 pools all tags.
     """
     y = _as_tensor(labels)
     prob = torch.sigmoid(_as_tensor(logits))
@@ -138,7 +143,7 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class TaggingScores:
-    """The four paper metrics for one set of predictions, plus the tags left out of the macro averages."""
+    """The four paper metrics for one set of predictions, plus the tags left out of macro ROC-AUC and AP."""
 
     roc_auc: float
     ap: float
@@ -163,7 +168,9 @@ def tagging_scores(
     if y.shape != s.shape or y.dim() != 2:
         raise ValueError(f"labels {tuple(y.shape)} and logits {tuple(s.shape)} must both be [items, tags]")
     mask = valid_tag_mask(y)
-    micro, macro = f1_scores(y, s, mask, threshold)
+    # F1 is defined for every tag, so macro-F1 averages all of them (scikit-learn's definition); only the
+    # rank metrics, undefined without both classes, use the mask
+    micro, macro = f1_scores(y, s, None, threshold)
     vocabulary = vocabulary or [f"tag{k}" for k in range(y.shape[1])]
     return TaggingScores(
         roc_auc=float(_masked_mean(roc_auc_per_tag(y, s).nan_to_num(0.0), mask)),
@@ -178,9 +185,12 @@ def tagging_scores(
 def batched_macro_roc_auc(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Macro ROC-AUC for many probes at once: labels [N, K], logits [P, N, K] -> [P] (float64).
 
-    Used every epoch for plateau scheduling, early stopping and checkpoint selection.
+    Used every epoch for plateau scheduling, early stopping and checkpoint selection. NaN (undefined) for
+    every probe when no tag has both classes in ``labels``, and for a probe whose logits hold a NaN (a diverged
+    probe: a rank of NaN scores means nothing), so that no selection can pick an undefined value.
     """
     mask = valid_tag_mask(labels)
     y = labels.to(torch.float64).unsqueeze(0).expand(logits.shape[0], -1, -1)
-    auc = roc_auc_per_tag(y, logits.to(torch.float64)).nan_to_num(0.0)
-    return _masked_mean(auc, mask)
+    auc = _masked_mean(roc_auc_per_tag(y, logits.to(torch.float64)).nan_to_num(0.0), mask)
+    diverged = torch.isnan(logits).flatten(1).any(1)
+    return torch.where(diverged, torch.full_like(auc, float("nan")), auc)

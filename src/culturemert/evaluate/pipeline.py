@@ -23,6 +23,8 @@ from typing import Any, Sequence
 from pydantic import Field
 
 from culturemert.config import StrictModel, load_config
+from culturemert.errors import ConfigError
+from culturemert.evaluate.datasets import DatasetConfig
 from culturemert.evaluate.embed import EmbedSettings, load_encoder, embed_dataset
 from culturemert.evaluate.features import load_probe_data
 from culturemert.evaluate.probe import ProbeSettings, run_probe
@@ -34,29 +36,28 @@ log = logging.getLogger(__name__)
 __all__ = ["EvalConfig", "evaluate", "evaluate_on_validation", "model_tag"]
 
 
-def _dataset_config_type():
-    from culturemert.evaluate.datasets import DatasetConfig
-
-    return DatasetConfig
-
-
 class EvalConfig(StrictModel):
     """``--datasets CONFIG`` of ``culturemert evaluate`` (and the eval config of ``merge --sweep``)."""
 
-    datasets: list[Any] = Field(min_length=1)  # DatasetConfig entries (validated in model_post_init)
+    # typed, so that an error in an entry is reported at its place (datasets.1.kind), not as a bare key
+    datasets: list[DatasetConfig] = Field(min_length=1)
     embed: EmbedSettings = Field(default_factory=EmbedSettings)
     probe: ProbeSettings = Field(default_factory=ProbeSettings)
     cache_dir: Path | None = None  # default: <out>/cache
 
-    def model_post_init(self, __context: Any) -> None:
-        cls = _dataset_config_type()
-        self.__dict__["datasets"] = [d if isinstance(d, cls) else cls.model_validate(d) for d in self.datasets]
-
 
 def _load_eval_config(config: EvalConfig | str | Path) -> tuple[EvalConfig, Path | None]:
+    """An evaluation YAML, or a generic dataset CSV (``path,split,tags``, the format ``embed`` reads) standing
+    for ``{datasets: [{kind: csv, paths: {path: FILE}}]}`` with default embed and probe settings."""
     if isinstance(config, EvalConfig):
         return config, None
-    return load_config(config, EvalConfig), Path(config).resolve().parent
+    path = Path(config)
+    if path.suffix.lower() == ".csv":
+        if not path.is_file():
+            raise ConfigError(f"--datasets {path}: file not found")
+        csv_config = EvalConfig(datasets=[{"kind": "csv", "name": path.stem, "paths": {"path": str(path.resolve())}}])
+        return csv_config, path.resolve().parent
+    return load_config(path, EvalConfig), path.resolve().parent
 
 
 def model_tag(model: str) -> str:
@@ -169,16 +170,21 @@ def evaluate(
     base: str | None = None,
     progress: bool = True,
     trust_remote_code: bool = False,
+    probe_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Embed + probe every model on every dataset, then write the report; returns the report's files.
 
     Under torchrun every rank embeds a disjoint share of the tracks (:func:`embed_dataset`); rank 0 then probes
     and writes the report, the other ranks return ``{}``. ``trust_remote_code`` allows models that ship their
-    own code (recorded per encoder in the results and the report).
+    own code (recorded per encoder in the results and the report). ``probe_overrides`` replace probe settings
+    of the config (e.g. ``{"protocol": "culturemert-paper"}``).
     """
     from culturemert.evaluate.embed import dist_context
 
     config, base_dir = _load_eval_config(eval_config)
+    if probe_overrides:
+        probe = ProbeSettings.model_validate({**config.probe.model_dump(), **probe_overrides})
+        config = config.model_copy(update={"probe": probe})
     out = Path(out_dir)
     datasets = _load_datasets(config, base_dir)
     if dist_context()[1] > 1:

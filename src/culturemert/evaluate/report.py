@@ -378,12 +378,26 @@ def write_report(
         for sp, tags in r.get("excluded_tags", {}).items():
             if tags:
                 excluded_lines.append(f"- {r['model']} / {r['dataset']} / {sp}: {', '.join(tags)}")
+    def _protocol(run: dict[str, Any]) -> str:  # results written before protocols were named ran window batching
+        return str(run.get("protocol", "marble-windows (unrecorded)"))
+
+    def _selection_note(run: dict[str, Any]) -> str:
+        fallback = run.get("protocol_details", {}).get("selection_fallback")
+        return f"; selected on validation loss (fallback: {fallback})" if fallback else ""
+
     selected_lines = [
         f"- {r['model']} / {r['dataset']}: layer {r['summary']['selected']['layer']}, lr {r['summary']['selected']['lr']:g}"
+        f" (protocol {_protocol(r)}{_selection_note(r)})"
         for r in runs
     ]
+    protocols = _ordered(_protocol(r) for r in runs)
+    protocol_line = f"Protocol: {', '.join(protocols)} (docs/evaluation.md)."
+    if len(protocols) > 1:
+        protocol_line += " **Runs of different protocols are mixed in these tables: their numbers are not comparable.**"
     text = [
         "# Probe results",
+        "",
+        protocol_line,
         "",
         f"Cells: {split} metric (%) of the validation-selected layer and learning rate, mean ± std over seeds. "
         "Avg. = plain mean of all numbers in the row (as in the paper).",
@@ -412,7 +426,7 @@ def write_report(
         "",
         _markdown(["model"] + titles + ["Avg."], md_main),
         "",
-        "## micro-F1 / macro-F1 (threshold 0.5)",
+        "## micro-F1 / macro-F1 (threshold 0.5; macro-F1 over every tag, as scikit-learn)",
         "",
         _markdown(["model"] + titles + ["Avg."], md_f1),
         "",
@@ -427,7 +441,7 @@ def write_report(
         "",
         *selected_lines,
         "",
-        "## Tags excluded from macro averages (no positive or no negative example in the split)",
+        "## Tags excluded from macro ROC-AUC and AP (no positive or no negative example in the split)",
         "",
         *(excluded_lines or ["- none"]),
         "",
