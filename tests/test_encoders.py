@@ -441,7 +441,7 @@ def test_evaluate_ranks_encoders_side_by_side_and_a_rerun_does_no_forward(tmp_pa
     audio.mkdir()
     lines = ["path,split,tags"]
     for i in range(12):
-        split = ["train", "train", "valid", "test"][i % 4]
+        split = ["train", "train", "valid", "valid", "test", "test"][i % 6]  # valid and test hold both classes
         sf.write(audio / f"c{i}.wav", (rng.normal(size=9000) * (0.3 if i % 2 else 0.05)).astype(np.float32), 24_000)
         lines.append(f"audio/c{i}.wav,{split},{'loud|any' if i % 2 else 'any|soft'}")
     (tmp_path / "data.csv").write_text("\n".join(lines) + "\n")
