@@ -97,7 +97,7 @@ def test_batched_trainer_equals_one_probe_alone(protocol, fallback):
 @pytest.mark.parametrize("ragged", [False, True])
 def test_written_out_backward_equals_autograd(n_single, n_weighted, dropout, ragged):
     # the trainer's hand-written backward (gradients into reused buffers) against autograd on the same forward
-    from culturemert.evaluate.probe import _forward, _loss_gradients, _ProbeStack, _training_inputs, _Workspace
+    from culturemert.evaluate.probe.batched import _forward, _loss_gradients, _ProbeStack, _training_inputs, _Workspace
 
     g = torch.Generator().manual_seed(3)
     seeds, batch, layers, dim, hidden, tags = 2, 7, 4, 6, 5, 3
@@ -233,14 +233,15 @@ def test_probe_cli_runs_from_config_and_rejects_unknown_keys(tmp_path):
 def test_marble_protocol_steps_over_tracks_with_all_their_windows():
     # MARBLE v1: a step = batch_size tracks, each with all its windows (train_collate_fn stacks them); an epoch is a
     # pass over the tracks. Window batching (64 windows a step) took n_windows / n_tracks times more steps.
-    from culturemert.evaluate.probe import PROTOCOLS, _epoch_rows, _SeedStreams
+    from culturemert.evaluate.probe import PROTOCOLS
+    from culturemert.evaluate.probe.streams import SeedStreams, epoch_rows
 
     assert ProbeSettings().protocol == "marble" and PROTOCOLS["marble"].batching == "track"
     data = _ragged_data(seed=2)
     train = data.train
     n_tracks, n_windows = train.num_tracks, train.features.shape[0]
-    streams = _SeedStreams(1234, torch.device("cpu"))
-    steps = _epoch_rows("track", train, streams, 16)
+    streams = SeedStreams(1234, torch.device("cpu"))
+    steps = epoch_rows("track", train, streams, 16)
     assert len(steps) == -(-n_tracks // 16)
     seen = []
     for rows in steps:
@@ -251,7 +252,7 @@ def test_marble_protocol_steps_over_tracks_with_all_their_windows():
         seen += rows.tolist()
     assert sorted(seen) == list(range(n_windows))
     # culturemert-paper: one window per track per epoch, drawn anew every epoch
-    first, second = (torch.cat(_epoch_rows("random-window", train, streams, 16)) for _ in range(2))
+    first, second = (torch.cat(epoch_rows("random-window", train, streams, 16)) for _ in range(2))
     assert sorted(train.chunk_track[first].tolist()) == list(range(n_tracks))
     assert not torch.equal(first.sort().values, second.sort().values)
 

@@ -337,6 +337,7 @@ def no_compute(monkeypatch):
     # patch their bindings too, so nothing patched here outlives the test
     import culturemert.evaluate.pipeline as pipeline
     import culturemert.evaluate.probe as probe
+    import culturemert.evaluate.probe.run as probe_run
     import culturemert.merge as merge
     import culturemert.model as model
 
@@ -345,6 +346,7 @@ def no_compute(monkeypatch):
     monkeypatch.setattr(data, "prepare", boom)
     monkeypatch.setattr(embed, "embed_tracks", boom)
     monkeypatch.setattr(probe, "run_probe", boom)
+    monkeypatch.setattr(probe_run, "run_probe", boom)
     monkeypatch.setattr(pipeline, "run_probe", boom)
     monkeypatch.setattr(pipeline, "embed_dataset", boom)
     monkeypatch.setattr(merge, "merge_with_report", boom)
