@@ -15,6 +15,8 @@ import pytest
 
 from culturemert.config import parse_config
 from culturemert.errors import ConfigError, DataError
+from culturemert.evaluate.datasets.lyra import lyra_validation_indices
+from culturemert.evaluate.datasets.marble import mtat_tag_name
 from culturemert.evaluate.datasets import (
     DatasetConfig,
     dunya_recording_tags,
@@ -26,8 +28,6 @@ from culturemert.evaluate.datasets import (
     load_generic_csv,
     load_lyra,
     load_magnatagatune,
-    lyra_validation_indices,
-    mtat_tag_name,
     read_legacy_pickle,
     read_pickled_npy,
     top_n_vocabulary,
