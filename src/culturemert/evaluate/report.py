@@ -18,6 +18,7 @@ from typing import Any, Iterable, Sequence
 
 from culturemert.files import atomic_write_text
 from culturemert.errors import DataError
+from culturemert.plotting import pyplot, save_figure
 
 __all__ = ["load_runs", "write_report", "leaderboard", "PAPER_DATASET_ORDER"]
 
@@ -159,11 +160,9 @@ def _layer_key(layer: str) -> float:
 
 
 def _plot_layers(path: Path, dataset: str, runs: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=False)
     for ax, split in zip(axes, ("valid", "test")):
@@ -188,15 +187,11 @@ def _plot_layers(path: Path, dataset: str, runs: list[dict[str, Any]]) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, title="dashed: weighted sum", title_fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def _plot_transfer(path: Path, models: list[str], datasets: list[str], delta, spread, metric: str, base: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     values = np.array([[np.nan if d is None else d for d in row] for row in delta], dtype=float)
@@ -215,8 +210,7 @@ def _plot_transfer(path: Path, models: list[str], datasets: list[str], delta, sp
     ax.set_title(f"Δ test {metric} (points) vs {base}; ± = seed spread")
     fig.colorbar(image, ax=ax, shrink=0.8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def write_report(
