@@ -20,7 +20,7 @@ def test_a_failing_save_keeps_the_previous_figure(tmp_path):
     save_figure(fig, target, dpi=50)
     before = target.read_bytes()
     fig, _ = plt.subplots()
-    with pytest.raises(AttributeError):  # matplotlib fails half-way through writing
+    with pytest.raises(AttributeError):  # matplotlib raises while saving
         save_figure(fig, target, dpi=50, bbox_inches="no-such-mode")
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curve.png"]

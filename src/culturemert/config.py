@@ -107,6 +107,11 @@ T = TypeVar("T", bound=BaseModel)
 
 
 def parse_config(data: Any, cls: type[T], source: str = "config") -> T:
+    """Validate ``data`` (a mapping, e.g. parsed YAML) as ``cls``.
+
+    Raises:
+        ConfigError: one line naming ``source`` and every invalid or unknown key.
+    """
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
