@@ -151,6 +151,7 @@ def _stable_int(*parts: Any) -> int:
 
 
 def piece_rng(*parts: Any) -> np.random.Generator:
+    """A numpy generator seeded from ``parts`` (e.g. seed, piece id): the same piece gets the same numbers in any worker."""
     return np.random.default_rng(_stable_int(*parts))
 
 
@@ -164,15 +165,18 @@ _UMASK = _current_umask()
 
 
 def write_bytes(path: Path, data: bytes) -> None:
+    """Write a corpus file atomically with the permissions the user's umask gives a new file."""
     # mkstemp makes 0600 files; the corpus gets ordinary permissions
     atomic_write_bytes(path, data, file_mode=0o666 & ~_UMASK)
 
 
 def write_text(path: Path, text: str) -> None:
+    """UTF-8 text through :func:`write_bytes`."""
     write_bytes(path, text.encode("utf-8"))
 
 
 def json_text(obj: Any) -> str:
+    """JSON text of a corpus file (indent 1, UTF-8 kept, newline-terminated)."""
     return json.dumps(obj, indent=1, ensure_ascii=False, sort_keys=False, default=str) + "\n"
 
 

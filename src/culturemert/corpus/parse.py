@@ -168,6 +168,7 @@ def parse_symbtr_text(text: str) -> ParsedPiece:
 
 
 def parse_task(task: tuple[str, str, str]) -> tuple[str, dict[str, Any] | None, str | None]:
+    """Worker task: ``(piece id, 'abc' or 'symbtr', text)`` -> ``(piece id, parsed piece as JSON or None, error or None)``."""
     piece_id, kind, text = task
     try:
         parsed = parse_abc_tune(text) if kind == "abc" else parse_symbtr_text(text)
@@ -190,4 +191,5 @@ def mode_tag(culture: str, parsed: ParsedPiece) -> str | None:
 
 
 def dedupe_key(parsed: ParsedPiece) -> tuple[float, ...]:
+    """The first ``DEDUPE_NOTES`` pitches (semitones, 2 decimals): pieces of one culture with equal keys are one tune."""
     return tuple(round(float(p), 2) for p in parsed.notes[:DEDUPE_NOTES, 2])

@@ -60,6 +60,8 @@ def piece_render_params(config: CorpusConfig, piece_id: str) -> RenderParams:
 
 @dataclass(frozen=True)
 class ScheduledNote:
+    """One note of a rendered piece: start and end in seconds, pitch in (fractional) MIDI semitones, velocity 1..127."""
+
     start: float  # seconds
     end: float
     pitch: float  # MIDI semitones, fractional for microtones
@@ -371,6 +373,7 @@ def render_piece_audio(
 
 
 def encode_audio(samples: np.ndarray, sample_rate: int, audio_format: str) -> bytes:
+    """Samples (float, [-1, 1]) -> bytes of a 16-bit PCM file in ``audio_format`` (e.g. FLAC)."""
     import soundfile as sf
 
     buffer = io.BytesIO()

@@ -67,6 +67,11 @@ class SourcePiece:
 
 
 def music21_corpus_root() -> Path:
+    """The music21 wheel's bundled corpus folder.
+
+    Raises:
+        DataError: music21 (the ``corpus`` extra) is not installed.
+    """
     try:
         import music21
     except ImportError as exc:  # pragma: no cover - music21 is a declared dependency of the corpus extra
@@ -82,6 +87,7 @@ def _split_abc(text: str) -> tuple[str, list[str]]:
 
 
 def abc_field(tune: str, letter: str) -> list[str]:
+    """Every value of header field ``letter`` (e.g. ``T``) in an ABC tune, stripped."""
     return [m.group(1).strip() for m in re.finditer(rf"(?m)^{letter}:[ \t]*(.*?)[ \t]*\r?$", tune)]
 
 

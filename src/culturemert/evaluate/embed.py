@@ -283,6 +283,8 @@ class FeatureCache:
 
 @dataclass
 class TrackInput:
+    """One track to embed: its id (the key of its features) and its audio file (None: missing, reported as an error)."""
+
     id: str
     path: Path | None
 

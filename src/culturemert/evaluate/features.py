@@ -119,6 +119,7 @@ class ProbeData:
 
 
 def label_row(tags: Iterable[str], vocabulary: Sequence[str]) -> np.ndarray:
+    """Multi-hot uint8 ``[K]`` of ``tags`` over ``vocabulary`` (tags outside it ignored)."""
     index = {t: k for k, t in enumerate(vocabulary)}
     row = np.zeros(len(vocabulary), dtype=np.uint8)
     for tag in tags:

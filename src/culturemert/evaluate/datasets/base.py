@@ -45,6 +45,11 @@ _SPLIT_ALIASES = {
 
 
 def normalise_split(value: str, where: str) -> str:
+    """A split name in the canonical spelling (``train``/``valid``/``test``; ``validation``, ``val`` ... accepted).
+
+    Raises:
+        DataError: any other name (``where`` says which file and line).
+    """
     split = _SPLIT_ALIASES.get(value.strip().lower())
     if split is None:
         raise DataError(
@@ -224,6 +229,7 @@ def resolve_audio(
 
 
 def warn_missing_audio(name: str, root: Path, missing: Sequence[str], total: int) -> None:
+    """One warning naming how many items have no audio under ``root`` (first five ids shown)."""
     if missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
         logger.warning(
@@ -243,6 +249,8 @@ def finish_dataset(
     dropped: dict[str, list[str]] | None = None,
     audio_root: str | Path | None = None,
 ) -> TaggingDataset:
+    """Build the :class:`TaggingDataset`: the vocabulary (given, read from a file, or the top-N rule over
+    ``vocabulary_splits``), tags outside it dropped, the missing-audio warning."""
     if isinstance(vocabulary, (str, Path)):
         vocabulary = read_vocabulary_file(vocabulary)
     if vocabulary is None:

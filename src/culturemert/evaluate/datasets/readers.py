@@ -67,6 +67,11 @@ def read_legacy_pickle(path: str | Path) -> Any:
 
 
 def load_id_array(path: Path) -> list[str]:
+    """A 1-d numpy string array of ids (read without pickle).
+
+    Raises:
+        DataError: not a plain string array.
+    """
     try:
         array = np.load(path, allow_pickle=False)
     except ValueError as exc:
@@ -90,6 +95,11 @@ def load_npy_splits(split_dir: str | Path) -> dict[str, list[str]]:
 
 
 def read_tsv(path: Path, required: Sequence[str], delimiter: str = "\t") -> list[dict[str, str]]:
+    """Rows of a delimited UTF-8 table with the ``required`` columns.
+
+    Raises:
+        DataError: not UTF-8, malformed, or a required column missing (one line, cells cut short).
+    """
     try:
         return _read_tsv_rows(path, required, delimiter)
     except UnicodeDecodeError as exc:
@@ -135,10 +145,16 @@ def _read_tsv_rows(path: Path, required: Sequence[str], delimiter: str) -> list[
 
 
 def split_multi(value: str) -> list[str]:
+    """The values of a ``|``-separated cell, stripped, empty ones dropped."""
     return [v.strip() for v in value.split("|") if v.strip()]
 
 
 def read_json(path: Path) -> Any:
+    """JSON of a metadata file.
+
+    Raises:
+        DataError: unreadable or invalid JSON.
+    """
     try:
         with path.open("r", encoding="utf-8") as fh:
             return json.load(fh)
@@ -149,6 +165,11 @@ def read_json(path: Path) -> Any:
 
 
 def read_vocabulary_file(path: str | Path) -> list[str]:
+    """A tag list from ``.npy``, ``.json`` (a list, or a mapping with a ``train`` list) or a text file (one tag a line).
+
+    Raises:
+        DataError: missing file or not a list of tags.
+    """
     path = require_file(path, "vocabulary file")
     if path.suffix == ".npy":
         tags = load_id_array(path)
@@ -163,6 +184,7 @@ def read_vocabulary_file(path: str | Path) -> list[str]:
 
 
 def require_file(path: str | Path, what: str) -> Path:
+    """``path`` as a Path if it is a file; else a DataError naming ``what`` and the path."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{what} not found: {path}")
@@ -170,6 +192,7 @@ def require_file(path: str | Path, what: str) -> Path:
 
 
 def require_dir(path: str | Path, what: str) -> Path:
+    """``path`` as a Path if it is a directory; else a DataError naming ``what`` and the path."""
     path = Path(path)
     if not path.is_dir():
         raise DataError(f"{what} not found (expected a directory): {path}")

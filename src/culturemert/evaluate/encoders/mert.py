@@ -159,6 +159,7 @@ class MertEncoder(Encoder):
 
 
 def load_mert(source: str, *, name: str, device: str | torch.device, precision: str) -> MertEncoder:
+    """A MERT-family checkpoint as an encoder, run at the sample rate it declares."""
     from culturemert.model import load_model
 
     rate = declared_sample_rate(source)

@@ -150,6 +150,11 @@ class DashengEncoder(Encoder):
 
 
 def load_muq(source: str, *, name: str, device: Any, precision: str) -> MuQEncoder:
+    """A MuQ model from the ``muq`` package.
+
+    Raises:
+        ConfigError: the package is missing (the message names the pip command) or the model cannot be loaded.
+    """
     muq = require_package("muq", "muq", "muq")
     try:
         model = muq.MuQ.from_pretrained(source)
@@ -159,6 +164,11 @@ def load_muq(source: str, *, name: str, device: Any, precision: str) -> MuQEncod
 
 
 def load_omar_rq(source: str, *, name: str, device: Any, precision: str) -> OmarRQEncoder:
+    """An OMAR-RQ model from the ``omar-rq`` package (a ``.gin`` config path or a Hub id).
+
+    Raises:
+        ConfigError: the package is missing (the message names the pip command) or the model cannot be loaded.
+    """
     omar = require_package("omar_rq", "omar-rq", "omar-rq")
     path = Path(source).expanduser()
     try:

@@ -249,6 +249,8 @@ def bce_per_probe(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 
 def metric_dicts(labels: torch.Tensor, logits: torch.Tensor, vocabulary: list[str], threshold: float):
+    """Per probe: the tagging metrics of ``logits`` [P, N, K] against ``labels`` [N, K] and the tags excluded from
+    ROC-AUC/AP (no positive or no negative)."""
     results, excluded = [], []
     y = labels.double().cpu()
     losses = bce_per_probe(labels, logits)
@@ -260,6 +262,7 @@ def metric_dicts(labels: torch.Tensor, logits: torch.Tensor, vocabulary: list[st
 
 
 def tag_list(tags: Sequence[str], limit: int = 5) -> str:
+    """At most ``limit`` tag names, comma-separated, with a count of the rest (for error messages)."""
     return ", ".join(tags[:limit]) + (f", ... ({len(tags)} in all)" if len(tags) > limit else "")
 
 

@@ -160,6 +160,12 @@ def make_specs(settings: ProbeSettings, num_layers: int) -> list[ProbeSpec]:
 
 
 def weighted_sum_layers(settings: ProbeSettings, num_layers: int) -> list[int]:
+    """The hidden-state indices the weighted-sum probe mixes (``all``, ``transformer`` = all but the conv
+    features, or a list).
+
+    Raises:
+        ConfigError: an index outside 0..num_layers-1.
+    """
     if settings.weighted_sum_layers == "all" or (settings.weighted_sum_layers == "transformer" and num_layers == 1):
         return list(range(num_layers))
     if settings.weighted_sum_layers == "transformer":

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 
 def derived_seed(seed: int, purpose: str) -> int:
+    """The seed of one purpose (``init``, ``order``, ``dropout`` ...) of one probe seed."""
     return derive_seed("culturemert-probe", seed, purpose, sep=":")
 
 
