@@ -25,7 +25,6 @@ from culturemert.corpus.config import (
     CorpusConfig,
     CorpusSettingsChanged,
     SplitFractions,
-    json_text,
     piece_rng,
     write_bytes,
     write_text,
@@ -42,6 +41,7 @@ from culturemert.corpus.render import (
     renderer_identity,
     resolve_renderer,
 )
+from culturemert.files import json_text
 from culturemert.workers import ProcessMap
 from culturemert.corpus.sources import PRIMARY_TAG, SOURCE_DESCRIPTIONS, SourcePiece, scan_sources
 

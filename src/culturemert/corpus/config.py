@@ -3,7 +3,6 @@ seeded helpers every stage of the build shares."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -173,11 +172,6 @@ def write_bytes(path: Path, data: bytes) -> None:
 def write_text(path: Path, text: str) -> None:
     """UTF-8 text through :func:`write_bytes`."""
     write_bytes(path, text.encode("utf-8"))
-
-
-def json_text(obj: Any) -> str:
-    """JSON text of a corpus file (indent 1, UTF-8 kept, newline-terminated)."""
-    return json.dumps(obj, indent=1, ensure_ascii=False, sort_keys=False, default=str) + "\n"
 
 
 def koma53_to_semitones(koma53: float) -> float:
