@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
+from typing import Any
 
 from culturemert.config import parse_config
 from culturemert.errors import ConfigError
@@ -87,6 +89,13 @@ def _options(args: argparse.Namespace) -> MergeOptions:
     return parse_config(data, MergeOptions, source="culturemert merge arguments")
 
 
+def evaluate_on_validation(model_dir: Path, eval_config: Any) -> dict[str, dict[str, float]]:
+    """The sweep's evaluator: validation-split probes of ``model_dir`` (the evaluation stack loads only here)."""
+    from culturemert.evaluate.pipeline import evaluate_on_validation as evaluate
+
+    return evaluate(model_dir, eval_config)
+
+
 def run(args: argparse.Namespace) -> int:
     options = _options(args)
     if args.base is None and args.method != "linear":
@@ -107,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
     if args.select_on is None:
         raise ConfigError("--sweep needs --select-on EVAL_CONFIG (an evaluation config using validation splits)")
     result = sweep_merge(
-        args.base, args.models, parse_lambda_range(args.sweep), args.out, args.select_on, options, metric=args.metric
+        args.base, args.models, parse_lambda_range(args.sweep), args.out, args.select_on, options,
+        evaluator=evaluate_on_validation, metric=args.metric,
     )
     for lam in sorted(result.mean_metric):
         marker = "  <- selected" if lam == result.selected_lambda else ""
