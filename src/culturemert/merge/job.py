@@ -4,6 +4,7 @@ tensor by tensor, and write an export whose model card records the merge."""
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 
 from culturemert.errors import UserError
 from culturemert.merge.engine import in_scope, merge_with_report
-from culturemert.merge.options import DISJOINT_METHODS, MergeOptions, _options_from
+from culturemert.merge.options import DISJOINT_METHODS, SPECTRAL_METHODS, MergeOptions, _options_from
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,18 @@ def _state_for_merge(state: Mapping[str, torch.Tensor], with_heads: bool) -> Map
     return state if with_heads else _WithoutHeads(state)
 
 
+def _lambda_placement(method: str) -> str:
+    if method in DISJOINT_METHODS:
+        return "after the disjoint mean (not in sign election; see arcee-ai/mergekit#474)"
+    if method in SPECTRAL_METHODS:
+        return "theta_base + alpha * merged update (alpha = lambda, one for all models)"
+    if method == "linear":
+        return "per-model weights, normalised"
+    if method == "breadcrumbs":
+        return "theta_base + sum_i lambda_i (m_i * tau_i), m_i the breadcrumbs mask"
+    return "theta_base + sum_i lambda_i tau_i"
+
+
 def merge_loaded(
     inputs: LoadedInputs,
     out_dir: str | Path,
@@ -197,12 +210,9 @@ def merge_loaded(
     record: dict[str, Any] = {
         "method": options.method,
         "lambdas": report.lambdas,
-        "lambda_placement": (
-            "after the disjoint mean (not in sign election; see arcee-ai/mergekit#474)"
-            if options.method in DISJOINT_METHODS
-            else ("per-model weights, normalised" if options.method == "linear" else "theta_base + sum_i lambda_i tau_i")
-        ),
+        "lambda_placement": _lambda_placement(options.method),
         "weights": report.weights,
+        "hyperparameters": report.hyperparameters,
         "options": options.model_dump(),
         "scope": {
             "include": list(options.include),
@@ -211,7 +221,13 @@ def merge_loaded(
             "num_merged_tensors": len(report.merged),
             "num_kept_from_base": len(report.kept_from_base),
         },
-        "seed": options.seed if options.method in ("dare", "dare_ties") else None,
+        "seed": options.seed if "seed" in report.hyperparameters else None,
+        # trim_scope global: per input, the magnitude band kept over the whole model (upper None: no upper bound)
+        "global_trim_bands": (
+            [None if b is None else {"lower": b[0], "upper": None if math.isinf(b[1]) else b[1]} for b in report.global_bands]
+            if report.global_bands is not None
+            else None
+        ),
         "base": (
             {"source": inputs.base_source, "fingerprint": inputs.base_fingerprint} if inputs.base_source else None
         ),
