@@ -50,7 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     lam.add_argument("--lambdas", nargs="+", type=float, metavar="L", help="one λ per model, in --models order")
     lam.add_argument("--sweep", metavar="START:STOP:STEP", help="merge at every λ (stop inclusive) and select one")
-    parser.add_argument("--mean", action="store_true", help="divide λ by the number of models (task_arithmetic, dare)")
+    parser.add_argument(
+        "--mean", action="store_true", help="divide λ by the number of models (task_arithmetic, dare, breadcrumbs)"
+    )
     parser.add_argument(
         "--density",
         type=float,
