@@ -521,9 +521,10 @@ def test_cli_sweep_uses_evaluate_on_validation(tmp_path: Path, monkeypatch: pyte
         lam = float(Path(model_dir).name.split("_")[1])
         return {"a": {"roc_auc": 1 - abs(lam - 0.4)}, "b": {"roc_auc": 1 - abs(lam - 0.6)}}
 
-    fake = types.ModuleType("culturemert.evaluate")
+    # The CLI's evaluator imports culturemert.evaluate.pipeline when the sweep runs; hand it this fake instead.
+    fake = types.ModuleType("culturemert.evaluate.pipeline")
     fake.evaluate_on_validation = evaluate_on_validation  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "culturemert.evaluate", fake)
+    monkeypatch.setitem(sys.modules, "culturemert.evaluate.pipeline", fake)
     out = tmp_path / "sweep"
     base_args = ["merge", "--base", str(base_dir), "--models", *map(str, model_dirs), "--out", str(out)]
     assert main([*base_args, "--sweep", "0.2:0.8:0.2"]) == 2

@@ -339,6 +339,7 @@ def no_compute(monkeypatch):
     import culturemert.evaluate.probe as probe
     import culturemert.evaluate.probe.run as probe_run
     import culturemert.merge as merge
+    import culturemert.merge.engine as merge_engine
     import culturemert.model as model
 
     monkeypatch.setattr(model, "build_model", boom)
@@ -350,6 +351,7 @@ def no_compute(monkeypatch):
     monkeypatch.setattr(pipeline, "run_probe", boom)
     monkeypatch.setattr(pipeline, "embed_dataset", boom)
     monkeypatch.setattr(merge, "merge_with_report", boom)
+    monkeypatch.setattr(merge_engine, "merge_with_report", boom)
 
 
 def _write(path: Path, text: str) -> Path:

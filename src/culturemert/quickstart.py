@@ -249,7 +249,7 @@ def run_quickstart(config: QuickstartConfig, out_dir: str | Path, progress: bool
     """Run everything into ``out_dir`` (resumable: finished steps are skipped on a re-run); returns the report."""
     from culturemert.corpus import CorpusConfig, CorpusSettingsChanged, build_corpus
     from culturemert.data import prepare
-    from culturemert.evaluate.pipeline import EvalConfig, evaluate
+    from culturemert.evaluate.pipeline import EvalConfig, evaluate, evaluate_on_validation
     from culturemert.evaluate.embed import EmbedSettings
     from culturemert.evaluate.probe import ProbeSettings
     from culturemert.merge import MergeOptions, merge_models, sweep_merge
@@ -383,7 +383,8 @@ def run_quickstart(config: QuickstartConfig, out_dir: str | Path, progress: bool
                          MergeOptions(method="task_arithmetic", lambdas=float(config.merge_lambdas[0])))
         else:
             sweep = sweep_merge(base_model, singles, config.merge_lambdas, out / "merge-sweep", eval_cfg,
-                                MergeOptions(method="task_arithmetic"), metric="roc_auc")
+                                MergeOptions(method="task_arithmetic"), evaluator=evaluate_on_validation,
+                                metric="roc_auc")
             _copy_export(Path(sweep.out_dir) / "selected", merged)
     lap("merge", t0)
 

@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "corpus": ("culturemert.cli.corpus", "render the offline multi-cultural corpus from symbolic music"),
     "prepare": ("culturemert.cli.prepare", "decode audio into 24 kHz shards and compute teacher targets"),
     "pretrain": ("culturemert.cli.pretrain", "(continual) pre-training from a recipe, resumable, torchrun-ready"),
-    "merge": ("culturemert.cli.merge", "merge models in weight space (task arithmetic, TIES, DARE, linear)"),
+    "merge": ("culturemert.cli.merge", "merge models in weight space (task arithmetic, TIES, DARE, breadcrumbs, DELLA, TSV, Iso-C/CTS, linear)"),
     "embed": ("culturemert.cli.embed", "extract cached per-layer embeddings for a dataset"),
     "probe": ("culturemert.cli.probe", "MARBLE-protocol probing from a config"),
     "evaluate": ("culturemert.cli.evaluate", "embed + probe one or more models on datasets"),

@@ -1,18 +1,26 @@
 """``culturemert merge --base B --models M1 M2 ... --out DIR``: weight-space merging, optionally with a λ sweep.
 
-See docs/merging.md for the formulas and where λ enters each method.
+See docs/merging.md for the formulas, where λ enters each method, and every hyper-parameter's default.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
+from typing import Any
 
 from culturemert.config import parse_config
 from culturemert.errors import ConfigError
 from culturemert.merge import (
+    DEFAULT_BREADCRUMBS_DENSITY,
+    DEFAULT_BREADCRUMBS_GAMMA,
+    DEFAULT_DELLA_DROP_RATE,
+    DEFAULT_DELLA_EPSILON,
     DEFAULT_DENSITY,
     DEFAULT_DROP_RATE,
+    DEFAULT_ISO_CTS_COMMON_FRACTION,
+    DEFAULT_TRIM_SCOPE,
     DEFAULT_LAMBDA,
     DEFAULT_MAX_TASK_VECTOR_RATIO,
     MERGE_METHODS,
@@ -42,10 +50,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     lam.add_argument("--lambdas", nargs="+", type=float, metavar="L", help="one λ per model, in --models order")
     lam.add_argument("--sweep", metavar="START:STOP:STEP", help="merge at every λ (stop inclusive) and select one")
-    parser.add_argument("--mean", action="store_true", help="divide λ by the number of models (task_arithmetic, dare)")
-    parser.add_argument("--density", type=float, default=DEFAULT_DENSITY, help="ties: fraction of each task vector kept")
-    parser.add_argument("--drop-rate", type=float, default=DEFAULT_DROP_RATE, help="dare, dare_ties: drop probability")
-    parser.add_argument("--seed", type=int, default=0, help="dare, dare_ties: seed of the drop masks")
+    parser.add_argument(
+        "--mean", action="store_true", help="divide λ by the number of models (task_arithmetic, dare, breadcrumbs)"
+    )
+    parser.add_argument(
+        "--density",
+        type=float,
+        help=f"ties: fraction of each task vector kept (default {DEFAULT_DENSITY:g}); breadcrumbs: fraction kept "
+        f"after both masks (default {DEFAULT_BREADCRUMBS_DENSITY:g})",
+    )
+    parser.add_argument(
+        "--drop-rate",
+        type=float,
+        help=f"dare, dare_ties: drop probability (default {DEFAULT_DROP_RATE:g}); della: mean drop probability "
+        f"(default {DEFAULT_DELLA_DROP_RATE:g})",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="dare, dare_ties, della: seed of the drop masks")
+    parser.add_argument(
+        "--trim-scope",
+        choices=("per_tensor", "global"),
+        help=f"ties, breadcrumbs: rank magnitudes within each tensor or over the whole model (default "
+        f"{DEFAULT_TRIM_SCOPE}; global is the TIES paper's, see docs/merging.md)",
+    )
+    parser.add_argument(
+        "--gamma",
+        type=float,
+        help=f"breadcrumbs: fraction of largest-magnitude entries removed (default {DEFAULT_BREADCRUMBS_GAMMA:g})",
+    )
+    parser.add_argument(
+        "--epsilon",
+        type=float,
+        help=f"della: drop probabilities span drop-rate ± epsilon by magnitude rank (default {DEFAULT_DELLA_EPSILON:g})",
+    )
+    parser.add_argument(
+        "--rank-fraction", type=float, help="tsv: fraction of each matrix's rank kept per task (default 1/number of models)"
+    )
+    parser.add_argument(
+        "--common-fraction",
+        type=float,
+        help=f"iso_cts: fraction of the rank given to the common subspace (default {DEFAULT_ISO_CTS_COMMON_FRACTION:g})",
+    )
     parser.add_argument("--weights", nargs="+", type=float, metavar="W", help="linear: one weight per model")
     parser.add_argument(
         "--include", nargs="+", default=[], metavar="GLOB", help="merge only parameters matching one of these globs"
@@ -78,6 +122,11 @@ def _options(args: argparse.Namespace) -> MergeOptions:
         "density": args.density,
         "drop_rate": args.drop_rate,
         "seed": args.seed,
+        "trim_scope": args.trim_scope,
+        "gamma": args.gamma,
+        "epsilon": args.epsilon,
+        "rank_fraction": args.rank_fraction,
+        "common_fraction": args.common_fraction,
         "include": args.include,
         "exclude": args.exclude,
         "weights": args.weights,
@@ -85,6 +134,13 @@ def _options(args: argparse.Namespace) -> MergeOptions:
         "allow_unrelated": args.allow_unrelated,
     }
     return parse_config(data, MergeOptions, source="culturemert merge arguments")
+
+
+def evaluate_on_validation(model_dir: Path, eval_config: Any) -> dict[str, dict[str, float]]:
+    """The sweep's evaluator: validation-split probes of ``model_dir`` (the evaluation stack loads only here)."""
+    from culturemert.evaluate.pipeline import evaluate_on_validation as evaluate
+
+    return evaluate(model_dir, eval_config)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,14 +156,17 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"wrote {args.out}: {record['method']} of {len(models)} models "
             f"({'λ' if record['lambdas'] is not None else 'weights'} = {', '.join(format_lambda(v) for v in lambdas)}; "
-            f"{record['scope']['num_merged_tensors']} tensors merged, {record['scope']['num_kept_from_base']} kept from base)"
+            f"{record['scope']['num_merged_tensors']} tensors merged, {record['scope']['num_kept_from_base']} kept from base"
+            + "".join(f"; {k} = {v:g}" if isinstance(v, float) else f"; {k} = {v}" for k, v in record["hyperparameters"].items())
+            + ")"
         )
         return 0
 
     if args.select_on is None:
         raise ConfigError("--sweep needs --select-on EVAL_CONFIG (an evaluation config using validation splits)")
     result = sweep_merge(
-        args.base, args.models, parse_lambda_range(args.sweep), args.out, args.select_on, options, metric=args.metric
+        args.base, args.models, parse_lambda_range(args.sweep), args.out, args.select_on, options,
+        evaluator=evaluate_on_validation, metric=args.metric,
     )
     for lam in sorted(result.mean_metric):
         marker = "  <- selected" if lam == result.selected_lambda else ""
