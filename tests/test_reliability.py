@@ -558,14 +558,14 @@ def test_disk_full_and_permission_denied_are_one_line_cli_errors(tmp_path, monke
     # a full disk while appending to the cache's hash log must stop the run, not skip every track as "unreadable"
     import culturemert.evaluate.embed as embed
 
-    real_append = embed._append_jsonl
+    real_append = embed.append_jsonl
 
     def full(path, record):
         if path.name == "audio_hashes.jsonl":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real_append(path, record)
 
-    monkeypatch.setattr(embed, "_append_jsonl", full)
+    monkeypatch.setattr(embed, "append_jsonl", full)
     assert main(_embed_args(audio, tmp_path / "c")) == 2
     assert "No space left on device" in capsys.readouterr().err
 

@@ -46,7 +46,7 @@ from pydantic import Field
 from culturemert.audio import load_audio
 from culturemert.label_grid import SAMPLE_RATE
 from culturemert.config import StrictModel
-from culturemert.files import name_os_error, save_npy_atomic
+from culturemert.files import append_jsonl, read_jsonl, save_npy_atomic
 from culturemert.errors import ConfigError, DataError, UserError
 from culturemert.evaluate.encoders import Encoder, PeakMemory, build_encoder
 from culturemert.evaluate.features import write_features
@@ -183,30 +183,6 @@ def encoder_rate(encoder: Any, settings: EmbedSettings) -> int:
 _OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    try:
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-    except OSError as exc:
-        name_os_error(exc, path)
-        raise
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of an append-only log; a torn last line (killed while appending) is ignored."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
 # --------------------------------------------------------------------------------------------------------
 # the cache
 
@@ -233,7 +209,7 @@ class FeatureCache:
         self.frames = settings.frames
         self._hash_memo_path = self.root / "audio_hashes.jsonl"
         self._hash_memo = {
-            (r["path"], r["size"], r["mtime_ns"]): r["sha256"] for r in _read_jsonl(self._hash_memo_path) if "sha256" in r
+            (r["path"], r["size"], r["mtime_ns"]): r["sha256"] for r in read_jsonl(self._hash_memo_path) if "sha256" in r
         }
 
     def track_path(self, audio_key: str, frames: bool = False) -> Path:
@@ -252,7 +228,7 @@ class FeatureCache:
             save_npy_atomic(self.track_path(audio_key, frames=True), frames.astype(np.float16))
         # the pooled file is written last: its presence marks the track done
         save_npy_atomic(self.track_path(audio_key), pooled.astype(np.float32))
-        _append_jsonl(self.dir / "index.jsonl", {"audio_key": audio_key, **info})
+        append_jsonl(self.dir / "index.jsonl", {"audio_key": audio_key, **info})
 
     def audio_key(self, path: Path) -> str:
         """sha256 of the file's bytes, memoised by (resolved path, size, mtime_ns)."""
@@ -273,7 +249,7 @@ class FeatureCache:
             raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
         digest = h.hexdigest()
         self._hash_memo[memo_key] = digest
-        _append_jsonl(self._hash_memo_path, {"path": memo_key[0], "size": memo_key[1], "mtime_ns": memo_key[2], "sha256": digest})
+        append_jsonl(self._hash_memo_path, {"path": memo_key[0], "size": memo_key[1], "mtime_ns": memo_key[2], "sha256": digest})
         return digest
 
 
