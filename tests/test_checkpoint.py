@@ -549,7 +549,7 @@ def _write_16k_dir(model, d: Path, preprocessor: dict | None = _MERT_V0_PREPROCE
         (d / "preprocessor_config.json").write_text(json.dumps(preprocessor))
 
 
-def test_16khz_source_keeps_its_rate_and_preprocessing_through_convert(tmp_path, tiny):
+def test_16khz_source_keeps_its_rate_and_preprocessing_through_convert(tmp_path, tiny, capsys):
     """A MERT-v0-style 16 kHz directory used to be exported as 24 kHz with do_normalize rewritten to false."""
     d = tmp_path / "mert16k"
     _write_16k_dir(tiny, d)
@@ -557,6 +557,7 @@ def test_16khz_source_keeps_its_rate_and_preprocessing_through_convert(tmp_path,
     assert model.sample_rate == 16000 and model.frame_rate == 50.0
     assert model.preprocessor_config == _MERT_V0_PREPROCESSOR
     assert cli_main(["convert", str(d), "--out", str(tmp_path / "exp")]) == 0
+    assert "16000 Hz input, 50 frames/s" in capsys.readouterr().out
     exp = tmp_path / "exp"
     assert json.loads((exp / "preprocessor_config.json").read_text()) == _MERT_V0_PREPROCESSOR
     assert json.loads((exp / "config.json").read_text())["sample_rate"] == 16000
@@ -593,9 +594,11 @@ def test_rates_that_disagree_are_refused_naming_both(tmp_path, tiny):
         load_model(out)
 
 
-def test_source_without_preprocessor_gets_defaults_and_says_so(tmp_path, tiny):
+def test_source_without_preprocessor_gets_defaults_and_says_so(tmp_path, tiny, capsys):
     d = tmp_path / "bare"
     _write_16k_dir(tiny, d, preprocessor=None, config_rate=None)
+    assert cli_main(["convert", str(d), "--out", str(tmp_path / "conv")]) == 0
+    assert "note: the source declared no sample rate; 24000 Hz (MERT-v1) assumed" in capsys.readouterr().out
     model = load_model(d)
     assert model.sample_rate == 24000 and model.preprocessor_config["do_normalize"] is False
     out = save_export(model, tmp_path / "exp")

@@ -13,7 +13,7 @@ from culturemert.model import build_model, num_frames_for, preset_config
 
 def test_mert_95m_preset_matches_published_parameter_count():
     backbone, heads = preset_config("mert-v1-95m")
-    # 94,371,712 backbone parameters (mert-marble.md §A.6), heads in fairseq shapes
+    # 94,371,712 backbone parameters (the published MERT-v1-95M count), heads in fairseq shapes
     from transformers import HubertModel
 
     assert sum(p.numel() for p in HubertModel(backbone).parameters()) == 94_371_712

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------
-# fairseq <-> culturemert key mapping (mert-marble.md §B.4 / §B.5)
+# fairseq <-> culturemert key mapping (table in docs/checkpoints.md)
 # ----------------------------------------------------------------------------------------------------
 _FAIRSEQ_LAYER_RULES = [
     (r"self_attn\.(k_proj|v_proj|q_proj|out_proj)\.", r"attention.\1."),

@@ -1,7 +1,8 @@
 """The MERT model: a transformers ``HubertModel`` backbone plus MERT's pre-training heads.
 
-The backbone is *not* re-implemented: HF MERT checkpoints are HubertModel checkpoints in all but name
-(``mert-marble.md`` §B.1), so we build ``transformers.HubertModel`` from a plain ``HubertConfig``. That also
+The backbone is *not* re-implemented: HF MERT checkpoints are HubertModel checkpoints in all but name (MERT's
+``modeling_MERT.py`` subclasses ``HubertModel`` and, for the v1 models, changes nothing that runs), so we build
+``transformers.HubertModel`` from a plain ``HubertConfig``. That also
 sidesteps the remote-code breakage of transformers >= 4.48 (``MERTConfig`` lacks ``conv_pos_batch_norm``).
 
 The heads follow fairseq's MERT layout so that the fairseq checkpoint's heads load 1:1:
