@@ -854,9 +854,24 @@ def test_export_heads_record_must_match_the_heads_file(tmp_path, tiny):
     meta = json.loads((out / "culturemert.json").read_text())
     meta["heads"]["final_dim"] = 4
     (out / "culturemert.json").write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match=r"pretraining_heads.safetensors: tensor .* has shape .*heads imply"):
+    with pytest.raises(CheckpointError, match=r"pretraining_heads.safetensors: head tensor .* has shape .*the heads config implies"):
         load_model(out)
     meta["heads"] = None
     (out / "culturemert.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="records no heads but lists pretraining_heads.safetensors"):
         load_model(out)
+
+
+def test_fairseq_final_dim_that_disagrees_with_the_head_tensors_is_refused(tmp_path, tiny):
+    path = tmp_path / "m.pt"
+    _write_fairseq_checkpoint(tiny, path, permute_codes=False)
+    _install_fake_fairseq()
+    try:
+        ckpt = torch.load(path, weights_only=False)
+        ckpt["cfg"]["model"]["final_dim"] = 4  # the tensors are for final_dim 8
+        torch.save(ckpt, path)
+    finally:
+        for n in ("fairseq", "fairseq.data", "fairseq.data.dictionary"):
+            sys.modules.pop(n, None)
+    with pytest.raises(CheckpointError, match=r"m\.pt: head tensor (final_proj\.weight|label_embs_concat) has shape \((16, 32|40, 8)\), the heads config implies"):
+        load_model(path)

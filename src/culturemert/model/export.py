@@ -25,6 +25,7 @@ from culturemert.model.weights import (
     check_finite,
     hubert_config_from_hf,
     load_backbone_state,
+    load_heads_state,
     read_preprocessing,
     read_weights,
     state_dict_fingerprint,
@@ -139,17 +140,7 @@ def load_export(directory: Path, with_heads: bool, verify: bool) -> MertPretrain
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{heads_path}: not a readable safetensors file ({exc})") from None
         check_finite(heads_sd, heads_path)
-        expected = model.heads.state_dict()
-        if heads_sd.keys() != expected.keys():
-            raise CheckpointError(
-                f"{heads_path}: tensors {sorted(heads_sd)} do not match the heads {EXPORT_META} records {sorted(expected)}"
-            )
-        for k, v in heads_sd.items():
-            if v.shape != expected[k].shape:
-                raise CheckpointError(
-                    f"{heads_path}: tensor {k} has shape {tuple(v.shape)}, {EXPORT_META} heads imply {tuple(expected[k].shape)}"
-                )
-        model.heads.load_state_dict(heads_sd, strict=True)
+        load_heads_state(model, heads_sd, heads_path)
     model.load_report = {"format": "culturemert-export", "unused_keys": [], "missing_keys": [],
                          "has_heads": header.heads_config is not None, "sample_rate": header.sample_rate}
     model.eval()

@@ -23,7 +23,7 @@ from transformers import HubertConfig
 from culturemert.errors import CheckpointError
 from culturemert.safe_pickle import restricted_torch_load, to_plain
 from culturemert.model.mert import MERT_SAMPLE_RATE, HeadsConfig, MertPretrainModel, default_preprocessor_config
-from culturemert.model.weights import canonical_key, check_finite, load_backbone_state
+from culturemert.model.weights import canonical_key, check_finite, load_backbone_state, load_heads_state
 
 log = logging.getLogger(__name__)
 
@@ -338,11 +338,7 @@ def load_fairseq_checkpoint(path: str | Path) -> MertPretrainModel:
     )
     load_backbone_state(model, backbone_sd, source=str(path))
     if heads_cfg is not None:
-        missing, unexpected = model.heads.load_state_dict(heads_sd, strict=False)
-        if unexpected:
-            raise CheckpointError(f"{path}: unexpected head tensors {unexpected}")
-        if [m for m in missing if not m.startswith("cqt_proj")]:
-            raise CheckpointError(f"{path}: missing head tensors {missing}")
+        load_heads_state(model, heads_sd, path, optional=("cqt_proj",))
     model.load_report = {
         "format": "fairseq",
         "unused_keys": sorted(unused),

@@ -211,6 +211,31 @@ def _read_layout(directory: Path, single: str, shard_re: re.Pattern[str], index_
     return out
 
 
+def load_heads_state(
+    model: MertPretrainModel, state: Mapping[str, torch.Tensor], source: str | Path, optional: tuple[str, ...] = ()
+) -> list[str]:
+    """Load pre-training head tensors strictly; returns the missing ones among ``optional`` (name prefixes).
+
+    Raises:
+        CheckpointError: an unexpected or missing tensor, or a shape the heads config does not imply (named).
+    """
+    assert model.heads is not None
+    expected = model.heads.state_dict()
+    unexpected = sorted(k for k in state if k not in expected)
+    missing = sorted(k for k in expected if k not in state)
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected head tensors {unexpected}")
+    if [m for m in missing if not m.startswith(optional)]:
+        raise CheckpointError(f"{source}: missing head tensors {missing}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise CheckpointError(
+                f"{source}: head tensor {k} has shape {tuple(v.shape)}, the heads config implies {tuple(expected[k].shape)}"
+            )
+    model.heads.load_state_dict(state, strict=False)
+    return missing
+
+
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     """The weights of an HF-style directory: ``model.safetensors``, ``pytorch_model.bin`` (``weights_only``), or
     either format sharded (``model-00001-of-00002.safetensors`` + ``model.safetensors.index.json``).
