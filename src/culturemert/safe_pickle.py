@@ -20,8 +20,6 @@ as ``getitem(List, str)``), plus the config dataclasses and enums of the model a
 from __future__ import annotations
 
 import _compat_pickle
-import copyreg
-import operator
 import pickle
 import zipfile
 from pathlib import Path

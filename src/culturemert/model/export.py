@@ -95,7 +95,8 @@ def _open_export(directory: Path, with_heads: bool, verify: bool) -> _ExportHead
         if not (directory / name).is_file():
             raise CheckpointError(f"{directory}: file {name} listed in {EXPORT_META} is missing")
     for p in sorted(directory.iterdir()):
-        if p.is_file() and p.name not in files and p.name != EXPORT_META and p.name.endswith(_LOADABLE_SUFFIXES) and not p.name.startswith("."):
+        unlisted = p.name not in files and p.name != EXPORT_META and not p.name.startswith(".")
+        if unlisted and p.is_file() and p.name.endswith(_LOADABLE_SUFFIXES):
             raise CheckpointError(
                 f"{directory}: {p.name} is not listed in {EXPORT_META}; it is not part of this export (remove it)"
             )
