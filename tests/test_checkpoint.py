@@ -340,3 +340,538 @@ def test_fairseq_and_hf_paths_agree_and_unused_keys_are_reported(tmp_path, tiny,
     assert "skipped recomputable buffers: encoder_cqt_model.spec_layer.cqt_kernels_real" in capsys.readouterr().out
     card = (tmp_path / "e" / "README.md").read_text()
     assert "AutoModel.from_pretrained" in card and "license:" in card and "2 transformer layers" in card
+
+
+# ============================================================================ fidelity: fairseq layer_norm mode ==
+class _TransposeLast(torch.nn.Module):
+    def forward(self, x):
+        return x.transpose(-2, -1)
+
+
+def _fairseq_conv_extractor(cfg) -> torch.nn.Module:
+    """fairseq's ConvFeatureExtractionModel in ``mode="layer_norm"``, written out from its layout: block i is
+    Sequential(Conv1d, Dropout, Sequential(TransposeLast, LayerNorm(dim), TransposeLast), GELU), so block i's
+    LayerNorm is named ``conv_layers.i.2.1``."""
+
+    class Extractor(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv_layers = torch.nn.ModuleList()
+            in_d = 1
+            for dim, k, s in zip(cfg.conv_dim, cfg.conv_kernel, cfg.conv_stride):
+                self.conv_layers.append(torch.nn.Sequential(
+                    torch.nn.Conv1d(in_d, dim, k, stride=s, bias=cfg.conv_bias),
+                    torch.nn.Dropout(0.0),
+                    torch.nn.Sequential(_TransposeLast(), torch.nn.LayerNorm(dim), _TransposeLast()),
+                    torch.nn.GELU(),
+                ))
+                in_d = dim
+
+        def forward(self, wav):
+            x = wav.unsqueeze(1)
+            for block in self.conv_layers:
+                x = block(x)
+            return x
+
+    torch.manual_seed(11)
+    ext = Extractor().eval()
+    with torch.no_grad():
+        for p in ext.parameters():  # LayerNorm affine away from (1, 0), so a dropped or misplaced one shows
+            p.add_(0.3 * torch.randn_like(p))
+    return ext
+
+
+def _layer_norm_mode_model():
+    """HuBERT-large-style tiny backbone: extractor_mode layer_norm, conv bias, pre-LN encoder."""
+    from transformers import HubertConfig
+
+    from culturemert.model import MertPretrainModel
+
+    cfg = build_model("tiny").config.to_dict()
+    cfg.update(feat_extract_norm="layer", conv_bias=True, do_stable_layer_norm=True)
+    torch.manual_seed(12)
+    return MertPretrainModel(HubertConfig(**{k: v for k, v in cfg.items() if k not in ("model_type", "transformers_version")})).eval()
+
+
+def _fairseq_cfg(cfg, extractor_mode: str, layer_norm_first: bool, sample_rate: int = 24000, normalize: bool = False):
+    conv = " + ".join(f"[({d},{k},{s})]" for d, k, s in zip(cfg.conv_dim, cfg.conv_kernel, cfg.conv_stride))
+    return {
+        "model": {"_name": "hubert", "conv_feature_layers": conv, "extractor_mode": extractor_mode,
+                  "encoder_layers": cfg.num_hidden_layers, "encoder_embed_dim": cfg.hidden_size,
+                  "encoder_ffn_embed_dim": cfg.intermediate_size, "encoder_attention_heads": cfg.num_attention_heads,
+                  "conv_pos": cfg.num_conv_pos_embeddings, "conv_pos_groups": cfg.num_conv_pos_embedding_groups,
+                  "layer_norm_first": layer_norm_first, "conv_bias": cfg.conv_bias, "final_dim": 8},
+        "task": {"_name": "hubert_pretraining", "sample_rate": sample_rate, "normalize": normalize, "label_rate": 50.0},
+    }
+
+
+def test_fairseq_layer_norm_extractor_maps_each_blocks_layernorm(tmp_path, wav):
+    """fairseq puts block i's LayerNorm at conv_layers.i.2.1 (after the Dropout at .1); the mapping expected .1.1."""
+    from transformers import HubertModel
+
+    model = _layer_norm_mode_model()
+    fs_conv = _fairseq_conv_extractor(model.config)
+    state = {k: v for k, v in culturemert_to_fairseq_state_dict(model).items() if not k.startswith("feature_extractor.")}
+    state.update({f"feature_extractor.{k}": v.clone() for k, v in fs_conv.state_dict().items()})
+    assert "feature_extractor.conv_layers.3.2.1.weight" in state and "feature_extractor.conv_layers.3.0.bias" in state
+    path = tmp_path / "hubert_large_style.pt"
+    torch.save({"args": None, "cfg": _fairseq_cfg(model.config, "layer_norm", True), "model": state}, path)
+
+    loaded = load_model(path)
+    assert loaded.config.feat_extract_norm == "layer" and loaded.config.do_stable_layer_norm
+    assert loaded.load_report["unused_keys"] == []
+    with torch.no_grad():  # the conv front end computes what fairseq's does with these weights
+        torch.testing.assert_close(loaded.backbone.feature_extractor(wav), fs_conv(wav), atol=1e-6, rtol=1e-5)
+    # the rest of the backbone is the source model's
+    ref = model.backbone.state_dict()
+    for k, v in loaded.backbone.state_dict().items():
+        if not k.startswith("feature_extractor."):
+            assert torch.equal(v, ref[k]), k
+    # a plain transformers HubertModel with the same weights gives the same hidden states
+    hf = HubertModel(loaded.config).eval()
+    hf.load_state_dict(loaded.backbone.state_dict())
+    with torch.no_grad():
+        hs = hf(wav, output_hidden_states=True)
+        ours = loaded(wav, output_hidden_states=True).hidden_states
+    for a, b in zip(ours[:-1], hs.hidden_states[:-1], strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    torch.testing.assert_close(ours[-1], hs.last_hidden_state, atol=0, rtol=0)
+    # and the inverse mapping writes the fairseq names back
+    back = culturemert_to_fairseq_state_dict(loaded)
+    assert back.keys() == state.keys()
+    assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+# ============================================================================ non-finite weights ===============
+def _poison(t: torch.Tensor, value: float = float("nan")) -> torch.Tensor:
+    t = t.clone()
+    t.view(-1)[0] = value
+    return t
+
+
+def test_nan_in_hf_safetensors_is_refused_naming_file_and_tensor(tmp_path, tiny):
+    d = tmp_path / "mert"
+    _write_hf_mert_dir(tiny, d, classic_weight_norm=False, as_bin=False)
+    from safetensors.torch import load_file
+
+    sd = load_file(d / "model.safetensors")
+    sd["encoder.layers.1.attention.q_proj.weight"] = _poison(sd["encoder.layers.1.attention.q_proj.weight"])
+    save_file(sd, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor encoder\.layers\.1\.attention\.q_proj\.weight holds 1 non-finite value\(s\) \(1 NaN, 0 inf\)"):
+        load_model(d)
+
+
+def test_inf_in_hf_bin_is_refused(tmp_path, tiny):
+    d = tmp_path / "mert"
+    _write_hf_mert_dir(tiny, d, classic_weight_norm=True, as_bin=True)
+    sd = torch.load(d / "pytorch_model.bin", weights_only=True)
+    sd["feature_projection.projection.bias"] = _poison(sd["feature_projection.projection.bias"], float("-inf"))
+    torch.save(sd, d / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: tensor feature_projection\.projection\.bias holds 1 non-finite.*1 inf"):
+        load_model(d)
+
+
+def test_nan_in_fairseq_checkpoint_is_refused(tmp_path, tiny):
+    path = tmp_path / "m.pt"
+    _write_fairseq_checkpoint(tiny, path, permute_codes=False)
+    _install_fake_fairseq()
+    try:
+        ckpt = torch.load(path, weights_only=False)
+        ckpt["model"]["final_proj.weight"] = _poison(ckpt["model"]["final_proj.weight"])
+        torch.save(ckpt, path)
+    finally:
+        for n in ("fairseq", "fairseq.data", "fairseq.data.dictionary"):
+            sys.modules.pop(n, None)
+    with pytest.raises(CheckpointError, match=r"m\.pt: tensor final_proj\.weight holds 1 non-finite"):
+        load_model(path)
+
+
+def test_nan_in_export_backbone_or_heads_is_refused(tmp_path, tiny):
+    bad = build_model("tiny", seed=0)
+    with torch.no_grad():
+        bad.backbone.encoder.layers[0].feed_forward.output_dense.weight[0, 0] = float("nan")
+    out = save_export(bad, tmp_path / "exp")  # writing is allowed (merge refuses its own NaN); loading is not
+    with pytest.raises(CheckpointError, match=r"exp/model\.safetensors: tensor encoder\.layers\.0\.feed_forward\.output_dense\.weight holds"):
+        load_model(out)
+    bad_heads = build_model("tiny", seed=0)
+    with torch.no_grad():
+        bad_heads.heads.label_embs_concat[3, 1] = float("inf")
+    out = save_export(bad_heads, tmp_path / "exp2")
+    with pytest.raises(CheckpointError, match=r"pretraining_heads\.safetensors: tensor label_embs_concat holds 1 non-finite"):
+        load_model(out)
+    assert load_model(out, with_heads=False).heads is None  # the backbone alone is fine
+
+
+def test_nan_through_a_hub_id_is_refused(tmp_path, tiny, monkeypatch):
+    import culturemert.model.load as load_mod
+
+    d = tmp_path / "snapshot"
+    _write_hf_mert_dir(tiny, d, classic_weight_norm=False, as_bin=False)
+    from safetensors.torch import load_file
+
+    sd = load_file(d / "model.safetensors")
+    sd["masked_spec_embed"] = _poison(sd["masked_spec_embed"])
+    save_file(sd, str(d / "model.safetensors"))
+    monkeypatch.setattr(load_mod, "download_from_hub", lambda source: d)
+    with pytest.raises(CheckpointError, match="tensor masked_spec_embed holds 1 non-finite"):
+        load_model("some-org/some-mert")
+
+
+def test_convert_cli_refuses_nan_in_one_line(tmp_path, tiny, capsys):
+    d = tmp_path / "mert"
+    _write_hf_mert_dir(tiny, d, classic_weight_norm=False, as_bin=False)
+    from safetensors.torch import load_file
+
+    sd = load_file(d / "model.safetensors")
+    sd["encoder.layers.1.attention.q_proj.weight"] = _poison(sd["encoder.layers.1.attention.q_proj.weight"])
+    save_file(sd, str(d / "model.safetensors"))
+    assert cli_main(["convert", str(d), "--out", str(tmp_path / "exp")]) == 2
+    err = capsys.readouterr().err
+    assert "non-finite" in err and "q_proj.weight" in err and "Traceback" not in err
+    assert not (tmp_path / "exp").exists()
+
+
+# ============================================================================ sample rate and preprocessing ====
+_MERT_V0_PREPROCESSOR = {"feature_extractor_type": "Wav2Vec2FeatureExtractor", "sampling_rate": 16000,
+                         "do_normalize": True, "feature_size": 1, "padding_side": "right", "padding_value": 0.0,
+                         "return_attention_mask": True}
+
+
+def _write_16k_dir(model, d: Path, preprocessor: dict | None = _MERT_V0_PREPROCESSOR, config_rate: int | None = 16000) -> None:
+    _write_hf_mert_dir(model, d, classic_weight_norm=True, as_bin=False)
+    cfg = json.loads((d / "config.json").read_text())
+    if config_rate is None:
+        cfg.pop("sample_rate")
+    else:
+        cfg["sample_rate"] = config_rate
+    (d / "config.json").write_text(json.dumps(cfg))
+    if preprocessor is not None:
+        (d / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+
+
+def test_16khz_source_keeps_its_rate_and_preprocessing_through_convert(tmp_path, tiny, capsys):
+    """A MERT-v0-style 16 kHz directory used to be exported as 24 kHz with do_normalize rewritten to false."""
+    d = tmp_path / "mert16k"
+    _write_16k_dir(tiny, d)
+    model = load_model(d)
+    assert model.sample_rate == 16000 and model.frame_rate == 50.0
+    assert model.preprocessor_config == _MERT_V0_PREPROCESSOR
+    assert cli_main(["convert", str(d), "--out", str(tmp_path / "exp")]) == 0
+    assert "16000 Hz input, 50 frames/s" in capsys.readouterr().out
+    exp = tmp_path / "exp"
+    assert json.loads((exp / "preprocessor_config.json").read_text()) == _MERT_V0_PREPROCESSOR
+    assert json.loads((exp / "config.json").read_text())["sample_rate"] == 16000
+    meta = read_export_metadata(exp)
+    assert meta["sample_rate"] == 16000 and meta["frame_rate"] == 50.0 and meta["preprocessor_notes"] == []
+    assert "16000 Hz; 50 frames/s" in (exp / "README.md").read_text()
+    again = load_model(exp)
+    assert again.sample_rate == 16000 and again.preprocessor_config == _MERT_V0_PREPROCESSOR
+    # and a plain transformers user reads the same rate
+    from transformers import AutoFeatureExtractor
+
+    assert AutoFeatureExtractor.from_pretrained(exp).sampling_rate == 16000
+
+
+def test_pretraining_check_refuses_a_16khz_base(tmp_path, tiny):
+    from culturemert.model import check_sample_rate
+
+    d = tmp_path / "mert16k"
+    _write_16k_dir(tiny, d)
+    with pytest.raises(CheckpointError, match="declares sample rate 16000 Hz, but pre-training runs at 24000 Hz"):
+        check_sample_rate(load_model(d), 24000, "pre-training", str(d))
+
+
+def test_rates_that_disagree_are_refused_naming_both(tmp_path, tiny):
+    d = tmp_path / "mixed"
+    _write_16k_dir(tiny, d, preprocessor={**_MERT_V0_PREPROCESSOR, "sampling_rate": 24000})
+    with pytest.raises(CheckpointError, match="config.json sample_rate is 16000 but preprocessor_config.json sampling_rate is 24000"):
+        load_model(d)
+    out = save_export(build_model("tiny", seed=0), tmp_path / "exp")
+    meta = json.loads((out / "culturemert.json").read_text())
+    meta["sample_rate"] = 16000
+    (out / "culturemert.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="but culturemert.json sample_rate is 16000"):
+        load_model(out)
+
+
+def test_source_without_preprocessor_gets_defaults_and_says_so(tmp_path, tiny, capsys):
+    d = tmp_path / "bare"
+    _write_16k_dir(tiny, d, preprocessor=None, config_rate=None)
+    assert cli_main(["convert", str(d), "--out", str(tmp_path / "conv")]) == 0
+    assert "note: the source declared no sample rate; 24000 Hz (MERT-v1) assumed" in capsys.readouterr().out
+    model = load_model(d)
+    assert model.sample_rate == 24000 and model.preprocessor_config["do_normalize"] is False
+    out = save_export(model, tmp_path / "exp")
+    notes = read_export_metadata(out)["preprocessor_notes"]
+    assert any("no sample rate" in n for n in notes) and any("no preprocessor_config.json" in n for n in notes)
+    assert json.loads((out / "preprocessor_config.json").read_text())["sampling_rate"] == 24000
+
+
+def test_fairseq_task_sample_rate_and_normalize_are_kept(tmp_path):
+    model = _layer_norm_mode_model()
+    path = tmp_path / "m16.pt"
+    torch.save({"cfg": _fairseq_cfg(model.config, "layer_norm", True, sample_rate=16000, normalize=True),
+                "model": culturemert_to_fairseq_state_dict(model)}, path)
+    loaded = load_model(path)
+    assert loaded.sample_rate == 16000 and loaded.preprocessor_config["do_normalize"] is True
+    out = save_export(loaded, tmp_path / "exp")
+    assert json.loads((out / "preprocessor_config.json").read_text())["sampling_rate"] == 16000
+    assert any("fairseq task config" in n for n in read_export_metadata(out)["preprocessor_notes"])
+
+
+# ============================================================================ omegaconf DictConfig cfg =========
+_OMEGACONF_MODULES = ("omegaconf", "omegaconf.base", "omegaconf.nodes", "omegaconf.dictconfig", "omegaconf.listconfig",
+                      "fairseq", "fairseq.dataclass", "fairseq.dataclass.constants")
+
+
+def _omegaconf_standins():
+    """Classes with omegaconf 2.0's module/class names and pickled state (``__getstate__`` = the instance dict,
+    NEWOBJ + BUILD), as fairseq 0.10/1.0 pickled ``cfg``. Checked against a real omegaconf 2.0.6 pickle of a
+    structured fairseq-style config: it references omegaconf.{base.Metadata, base.ContainerMetadata,
+    dictconfig.DictConfig, listconfig.ListConfig, nodes.*Node}, __builtin__ dict/list/long/unicode/float/bool,
+    collections.defaultdict, typing.Any/List, _operator.getitem and the config's enum and dataclass types."""
+    import collections
+    import enum
+    import typing
+
+    mods = {n: types.ModuleType(n) for n in _OMEGACONF_MODULES}
+
+    class Choices(str, enum.Enum):  # fairseq's EXTRACTOR_MODE_CHOICES
+        default = "default"
+        layer_norm = "layer_norm"
+
+    class Metadata:
+        def __init__(self, ref_type, object_type, optional, key):
+            self.ref_type, self.object_type, self.optional, self.key = ref_type, object_type, optional, key
+            self.flags = {}
+            self.resolver_cache = collections.defaultdict(dict)
+
+    class ContainerMetadata(Metadata):
+        def __init__(self, key, ref_type=typing.Any, object_type=dict, element_type=None):
+            super().__init__(ref_type, object_type, True, key)
+            self.key_type, self.element_type = typing.Any, element_type
+
+    def node_class(name, ref_type):
+        def init(self, value, key, parent):
+            self._metadata = Metadata(ref_type, None, True, key)
+            self._parent, self._val = parent, value
+        return type(name, (), {"__init__": init})
+
+    nodes = {t: node_class(n, t) for n, t in (("StringNode", str), ("IntegerNode", int), ("FloatNode", float),
+                                              ("BooleanNode", bool), ("AnyNode", typing.Any))}
+    EnumNode = node_class("EnumNode", Choices)
+
+    class ListConfig:
+        def __init__(self, items, key, parent):
+            self._metadata = ContainerMetadata(key, ref_type=typing.List[str], object_type=list, element_type=str)
+            self._parent = parent
+            self._content = [nodes[type(v)](v, i, self) for i, v in enumerate(items)]
+
+    class DictConfig:
+        def __init__(self, content, key=None, parent=None):
+            self._metadata = ContainerMetadata(key)
+            self._parent = parent
+            self._content = {}
+            for k, v in content.items():
+                if isinstance(v, dict):
+                    self._content[k] = DictConfig(v, k, self)
+                elif isinstance(v, list):
+                    self._content[k] = ListConfig(v, k, self)
+                elif isinstance(v, Choices):
+                    self._content[k] = EnumNode(v, k, self)
+                else:
+                    self._content[k] = nodes.get(type(v), nodes[typing.Any])(v, k, self)
+
+    placed = [(Metadata, "omegaconf.base"), (ContainerMetadata, "omegaconf.base"), (ListConfig, "omegaconf.listconfig"),
+              (DictConfig, "omegaconf.dictconfig"), (EnumNode, "omegaconf.nodes"), (Choices, "fairseq.dataclass.constants"),
+              *((cls, "omegaconf.nodes") for cls in nodes.values())]
+    for cls, mod in placed:
+        cls.__module__ = mod
+        cls.__qualname__ = cls.__name__
+        setattr(mods[mod], cls.__name__, cls)
+    sys.modules.update(mods)
+    return DictConfig, Choices
+
+
+def test_fairseq_checkpoint_with_pickled_omegaconf_cfg_loads(tmp_path, wav):
+    """Older fairseq pickled cfg as an omegaconf DictConfig (protocol 2: builtins as __builtin__ dict/long/unicode);
+    it was refused as 'arbitrary code'. Also exercises interpolations and an enum extractor_mode."""
+    import pickletools
+
+    model = _layer_norm_mode_model()
+    DictConfig, Choices = _omegaconf_standins()
+    try:
+        plain = _fairseq_cfg(model.config, "layer_norm", True, sample_rate=16000)
+        plain["model"]["extractor_mode"] = Choices.layer_norm
+        plain["model"]["label_rate"] = "${task.label_rate}"
+        plain["task"]["labels"] = ["km"]
+        path = tmp_path / "hubert_omegaconf.pt"
+        torch.save({"args": None, "cfg": DictConfig(plain), "model": culturemert_to_fairseq_state_dict(model),
+                    "optimizer_history": [{"num_updates": 7}]}, path)
+    finally:
+        for n in _OMEGACONF_MODULES:
+            sys.modules.pop(n, None)
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        data = zf.read(next(n for n in zf.namelist() if n.endswith("data.pkl")))
+    names = {arg for op, arg, _ in pickletools.genops(data) if op.name == "GLOBAL"}
+    assert {"__builtin__ dict", "__builtin__ long", "__builtin__ unicode", "_operator getitem", "typing List",
+            "omegaconf.dictconfig DictConfig", "omegaconf.nodes EnumNode"} <= names
+    loaded = load_model(path)
+    assert "omegaconf" not in sys.modules and "fairseq" not in sys.modules
+    assert loaded.config.feat_extract_norm == "layer" and loaded.sample_rate == 16000
+    assert loaded.load_report["num_updates"] == 7
+    _assert_same_outputs(model, loaded, wav)
+
+
+@pytest.mark.parametrize("module,name", [
+    ("__builtin__", "eval"), ("builtins", "eval"), ("builtins", "exec"), ("builtins", "getattr"),
+    ("builtins", "__import__"), ("__builtin__", "__import__"), ("builtins", "compile"), ("builtins", "open"),
+    ("builtins", "type"), ("os", "system"), ("posix", "system"), ("subprocess", "Popen"), ("operator", "attrgetter"),
+    ("functools", "partial"), ("__builtin__", "reduce"), ("copy_reg", "__newobj__"), ("runpy", "run_path"),
+])
+def test_executable_globals_stay_refused(module, name):
+    """The Python-2 name translation and the builtin data types must not open a door to any callable."""
+    import io
+    import pickle
+
+    from culturemert.safe_pickle import RestrictedUnpickler
+
+    payload = b"\x80\x02c" + f"{module}\n{name}\n".encode() + b"X\x03\x00\x00\x00abc\x85R."
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        RestrictedUnpickler(io.BytesIO(payload), policy="checkpoint").load()
+
+
+def test_subscripting_real_objects_is_refused():
+    """operator.getitem is admitted for typing.List[str]-style stand-ins only."""
+    import io
+    import pickle
+
+    from culturemert.safe_pickle import RestrictedUnpickler
+
+    # getitem(("a", "b"), 0)
+    payload = b"\x80\x02c_operator\ngetitem\nX\x01\x00\x00\x00aX\x01\x00\x00\x00b\x86K\x00\x86R."
+    with pytest.raises(pickle.UnpicklingError, match="only inert stand-ins may be subscripted"):
+        RestrictedUnpickler(io.BytesIO(payload), policy="checkpoint").load()
+
+
+# ============================================================================ files that contradict each other ==
+def test_safetensors_and_bin_must_agree(tmp_path, tiny, wav):
+    d = tmp_path / "both"
+    _write_hf_mert_dir(tiny, d, classic_weight_norm=False, as_bin=False)
+    from safetensors.torch import load_file
+
+    sd = load_file(d / "model.safetensors")
+    torch.save(sd, d / "pytorch_model.bin")
+    _assert_same_outputs(tiny, load_model(d), wav)  # identical copies: fine
+    sd["encoder.layer_norm.bias"] = sd["encoder.layer_norm.bias"] + 1.0
+    torch.save(sd, d / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="model.safetensors and pytorch_model.bin disagree on tensor encoder.layer_norm.bias"):
+        load_model(d)
+
+
+def _shard(tiny, d: Path, with_index: bool = True) -> dict[str, str]:
+    d.mkdir(parents=True)
+    _write_hf_mert_dir(tiny, d / "_src", classic_weight_norm=False, as_bin=False)
+    (d / "config.json").write_text((d / "_src" / "config.json").read_text())
+    from safetensors.torch import load_file
+
+    sd = load_file(d / "_src" / "model.safetensors")
+    import shutil
+
+    shutil.rmtree(d / "_src")
+    names = sorted(sd)
+    parts = {"model-00001-of-00002.safetensors": names[: len(names) // 2], "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
+    weight_map = {}
+    for shard, keys in parts.items():
+        save_file({k: sd[k] for k in keys}, str(d / shard))
+        weight_map.update({k: shard for k in keys})
+    if with_index:
+        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return weight_map
+
+
+def test_sharded_weights_load_only_as_their_index_says(tmp_path, tiny, wav):
+    d = tmp_path / "sharded"
+    weight_map = _shard(tiny, d)
+    _assert_same_outputs(tiny, load_model(d), wav)
+    index = d / "model.safetensors.index.json"
+    # a shard on disk that the index does not list
+    save_file({"x": torch.zeros(1)}, str(d / "model-00003-of-00003.safetensors"))
+    with pytest.raises(CheckpointError, match="shard model-00003-of-00003.safetensors is not listed in model.safetensors.index.json"):
+        load_model(d)
+    (d / "model-00003-of-00003.safetensors").unlink()
+    # the index places a tensor in the other shard
+    k = next(iter(weight_map))
+    moved = {**weight_map, k: "model-00002-of-00002.safetensors" if weight_map[k].startswith("model-00001") else "model-00001-of-00002.safetensors"}
+    index.write_text(json.dumps({"weight_map": moved}))
+    with pytest.raises(CheckpointError, match=f"holds tensor {k}, which model.safetensors.index.json places in"):
+        load_model(d)
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    # a single-file checkpoint next to the shards
+    from safetensors.torch import load_file
+
+    save_file(load_file(d / "model-00001-of-00002.safetensors"), str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="holds both model.safetensors and sharded weights"):
+        load_model(d)
+
+
+def test_shards_without_index_must_be_one_complete_set(tmp_path, tiny, wav):
+    d = tmp_path / "noindex"
+    _shard(tiny, d, with_index=False)
+    _assert_same_outputs(tiny, load_model(d), wav)
+    (d / "model-00002-of-00002.safetensors").rename(d / "model-00002-of-00003.safetensors")
+    with pytest.raises(CheckpointError, match="do not form one complete set"):
+        load_model(d)
+
+
+def test_export_with_an_unlisted_weight_file_is_refused(tmp_path, tiny):
+    out = save_export(tiny, tmp_path / "exp")
+    (out / "notes.txt").write_text("harmless")
+    load_model(out)
+    torch.save(tiny.backbone.state_dict(), out / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin is not listed in culturemert.json"):
+        load_model(out)
+
+
+def test_export_whose_recorded_fingerprint_does_not_match_is_refused(tmp_path, tiny):
+    from culturemert.model import LazyExport
+
+    out = save_export(tiny, tmp_path / "exp")
+    meta = json.loads((out / "culturemert.json").read_text())
+    meta["fingerprint"] = "0" * 64
+    (out / "culturemert.json").write_text(json.dumps(meta))
+    for verify in (True, False):
+        with pytest.raises(CheckpointError, match="does not have the fingerprint culturemert.json records"):
+            load_model(out, verify=verify)
+    with pytest.raises(CheckpointError, match="does not have the fingerprint"):
+        LazyExport(out)
+
+
+def test_export_heads_record_must_match_the_heads_file(tmp_path, tiny):
+    out = save_export(tiny, tmp_path / "exp")
+    meta = json.loads((out / "culturemert.json").read_text())
+    meta["heads"]["final_dim"] = 4
+    (out / "culturemert.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"pretraining_heads.safetensors: head tensor .* has shape .*the heads config implies"):
+        load_model(out)
+    meta["heads"] = None
+    (out / "culturemert.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="records no heads but lists pretraining_heads.safetensors"):
+        load_model(out)
+
+
+def test_fairseq_final_dim_that_disagrees_with_the_head_tensors_is_refused(tmp_path, tiny):
+    path = tmp_path / "m.pt"
+    _write_fairseq_checkpoint(tiny, path, permute_codes=False)
+    _install_fake_fairseq()
+    try:
+        ckpt = torch.load(path, weights_only=False)
+        ckpt["cfg"]["model"]["final_dim"] = 4  # the tensors are for final_dim 8
+        torch.save(ckpt, path)
+    finally:
+        for n in ("fairseq", "fairseq.data", "fairseq.data.dictionary"):
+            sys.modules.pop(n, None)
+    with pytest.raises(CheckpointError, match=r"m\.pt: head tensor (final_proj\.weight|label_embs_concat) has shape \((16, 32|40, 8)\), the heads config implies"):
+        load_model(path)

@@ -86,3 +86,74 @@ def test_feature_grad_mult_scales_only_conv_gradients():
         )
     torch.testing.assert_close(grads[0.1][0], grads[1.0][0] * 0.1, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(grads[0.1][1], grads[1.0][1])
+
+
+# ---------------------------------------------------------------- hidden states: MERT's reference on any transformers
+def _small(preset: str):
+    """A small-width model in ``preset``'s layout (same norm placement, conv norm mode and conv bias)."""
+    from transformers import HubertConfig
+
+    from culturemert.model import MertPretrainModel
+
+    backbone, _ = preset_config(preset)
+    cfg = backbone.to_dict()
+    cfg.update(conv_dim=[16] * 7, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+               num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
+    torch.manual_seed(0)
+    model = MertPretrainModel(HubertConfig(**{k: v for k, v in cfg.items() if k not in ("model_type", "transformers_version")}))
+    with torch.no_grad():  # a final LayerNorm far from identity, so leaving it out cannot go unnoticed
+        model.backbone.encoder.layer_norm.weight.copy_(1.0 + 0.5 * torch.randn(32))
+        model.backbone.encoder.layer_norm.bias.copy_(0.5 * torch.randn(32))
+    return model.eval()
+
+
+def _reference_hidden_states(model, wav):
+    """MERT's hidden states, written out from its modelling code (transformers 4.x HubertEncoder /
+    HubertEncoderStableLayerNorm, which MERT's modeling_MERT.py uses): entry 0 is the encoder input after the
+    positional convolution (and, post-LN only, the encoder LayerNorm); entry i the output of layer i; for pre-LN
+    the last entry is the final encoder LayerNorm of the last layer's output (= last_hidden_state)."""
+    bb = model.backbone
+    x = bb.feature_projection(bb.feature_extractor(wav).transpose(1, 2))
+    x = x[0] if isinstance(x, tuple) else x
+    h = x + bb.encoder.pos_conv_embed(x)
+    pre_ln = model.config.do_stable_layer_norm
+    if not pre_ln:
+        h = bb.encoder.layer_norm(h)
+    states = [h]
+    for layer in bb.encoder.layers:
+        out = layer(h)
+        h = out[0] if isinstance(out, tuple) else out
+        states.append(h)
+    if pre_ln:
+        states[-1] = bb.encoder.layer_norm(h)
+    return states
+
+
+@pytest.mark.parametrize("preset", ["mert-v1-330m", "mert-v1-95m"])
+def test_hidden_states_equal_merts_reference_for_pre_and_post_ln(preset):
+    """Pre-LN (330M layout): transformers 5.x's hidden_states[-1] lacks the final encoder LayerNorm that MERT and
+    transformers 4.x include; the model's output must be MERT's on either. Post-LN (95M) is unaffected."""
+    model = _small(preset)
+    assert model.config.do_stable_layer_norm == (preset == "mert-v1-330m")
+    wav = torch.randn(2, 8000, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = model(wav, output_hidden_states=True)
+        ref = _reference_hidden_states(model, wav)
+    assert len(out.hidden_states) == len(ref) == model.num_layers + 1
+    for i, (a, b) in enumerate(zip(out.hidden_states, ref)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"hidden state {i}")
+    torch.testing.assert_close(out.hidden_states[-1], out.last_hidden_state, atol=0, rtol=0)
+
+
+def test_sample_rate_check_names_both_rates():
+    from culturemert.errors import CheckpointError
+    from culturemert.model import MertPretrainModel, check_sample_rate
+
+    backbone, _ = preset_config("tiny")
+    model = MertPretrainModel(backbone, sample_rate=16000)
+    assert model.sample_rate == 16000 and model.frame_rate == 50.0
+    assert model.preprocessor_config["sampling_rate"] == 16000
+    with pytest.raises(CheckpointError, match=r"base\.pt declares sample rate 16000 Hz, but pre-training runs at 24000 Hz"):
+        check_sample_rate(model, 24000, "pre-training", "base.pt")
+    check_sample_rate(build_model("tiny", seed=0), 24000, "pre-training")  # 24 kHz presets pass
+    assert build_model("tiny", seed=0).frame_rate == 75.0

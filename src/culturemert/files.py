@@ -3,15 +3,21 @@
 A file that a later run trusts (index, shard, checkpoint part, cache entry, export) is written to a temp file in
 the same directory, fsynced and renamed over its final name, then the directory is fsynced: readers see the old
 file or the complete new one, never a partial one. Temp files start with ``.`` and end in ``.tmp``.
+
+Permissions: every file and directory culturemert writes gets the mode a plainly created one would get under the
+process umask (``0o666 & ~umask`` for files, ``0o777 & ~umask`` for directories; 0644/0755 under umask 022).
+``tempfile.mkstemp``/``mkdtemp`` create 0600/0700 entries and ``os.replace`` keeps the mode, and safetensors'
+``save_file`` writes its own 0600 temp file, so each writer here sets the mode explicitly before the rename.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +25,34 @@ import numpy as np
 
 __all__ = [
     "name_os_error", "fsync_dir", "atomic_write", "atomic_write_bytes", "atomic_write_text", "save_npy_atomic",
-    "sha256_file",
+    "sha256_file", "current_umask", "default_file_mode", "default_dir_mode", "atomic_path", "make_temp_dir",
+    "apply_default_modes",
 ]
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the kernel reports it (Linux >= 4.7: /proc/self/status);
+    elsewhere by setting and restoring it (which another thread creating a file at that instant could observe)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """Permission bits of a file created now with ``open(path, "w")``: ``0o666 & ~umask``."""
+    return 0o666 & ~current_umask()
+
+
+def default_dir_mode() -> int:
+    """Permission bits of a directory created now with ``os.mkdir``: ``0o777 & ~umask``."""
+    return 0o777 & ~current_umask()
 
 
 def name_os_error(exc: BaseException, path: str | os.PathLike) -> None:
@@ -49,15 +81,15 @@ def atomic_write(
 ) -> None:
     """Call ``write(fh)`` on a temp file next to ``path``, fsync, rename over ``path`` (never a partial file).
 
-    ``file_mode`` sets the permissions (mkstemp creates 0600 files). On failure the temp file is removed and an
+    ``file_mode`` sets the permissions; by default the file gets :func:`default_file_mode` (what the umask gives a
+    plainly created file; mkstemp alone would leave it 0600). On failure the temp file is removed and an
     ``OSError`` without a file name (``write(2)`` on a full disk) gets ``path`` attached, so the CLI can name it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        if file_mode is not None:
-            os.chmod(tmp, file_mode)
+        os.fchmod(fd, default_file_mode() if file_mode is None else file_mode)
         with os.fdopen(fd, mode, **({"encoding": "utf-8", "newline": ""} if "b" not in mode else {})) as fh:
             write(fh)
             fh.flush()
@@ -79,6 +111,57 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, file_mode: int | No
 
 def atomic_write_text(path: str | os.PathLike, text: str, file_mode: int | None = None) -> None:
     atomic_write_bytes(path, text.encode("utf-8"), file_mode)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, file_mode: int | None = None) -> Iterator[Path]:
+    """A temp path next to ``path`` for writers that want a file *name* (``safetensors.torch.save_file``,
+    ``np.lib.format.open_memmap``); when the block ends without an exception the file gets ``file_mode`` (default
+    :func:`default_file_mode`, even if the writer replaced the file with a 0600 one of its own), is fsynced and
+    renamed over ``path``. On an exception the temp file is removed and a nameless ``OSError`` gets ``path``.
+
+    Example: ``with atomic_path(out / "features.npy") as tmp: mm = np.lib.format.open_memmap(tmp, mode="w+", ...)``
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, default_file_mode() if file_mode is None else file_mode)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        name_os_error(exc, path)
+        raise
+    fsync_dir(path.parent)
+
+
+def make_temp_dir(parent: str | os.PathLike, prefix: str, suffix: str = "") -> Path:
+    """``tempfile.mkdtemp`` in ``parent`` with :func:`default_dir_mode` instead of 0700, for directories that are
+    filled and then renamed into place (exports, checkpoints, teacher dirs)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
+    os.chmod(tmp, default_dir_mode())
+    return tmp
+
+
+def apply_default_modes(root: str | os.PathLike) -> None:
+    """Give ``root`` and everything below it the umask's default modes (files :func:`default_file_mode`,
+    directories :func:`default_dir_mode`): call it on a temp directory before renaming it into place, after
+    writers such as safetensors' ``save_file`` (which always creates 0600 files) have filled it."""
+    file_mode, dir_mode = default_file_mode(), default_dir_mode()
+    root = Path(root)
+    os.chmod(root, dir_mode)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), dir_mode)
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            if not os.path.islink(p):
+                os.chmod(p, file_mode)
 
 
 def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:

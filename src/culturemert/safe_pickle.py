@@ -7,10 +7,19 @@ names, and a global can be any callable (``os.system``), so a plain ``torch.load
 allow-list (:class:`RestrictedUnpickler`); classes whose *data* we need but whose code we must not run (fairseq's
 ``Dictionary``, omegaconf containers, ``argparse.Namespace``) become inert stand-ins that only record their state,
 which :func:`to_plain` turns back into dicts and lists.
+
+Pickles written with protocol 2 (``torch.save``'s default, so every fairseq checkpoint) name builtins the
+Python-2 way (``__builtin__ dict``, ``__builtin__ long``, ``__builtin__ unicode``); those names are translated with
+the standard library's own Python-2 table (``_compat_pickle``) *before* the allow-list is consulted, so the
+translation can never admit anything the allow-list does not. An omegaconf 2.0 ``DictConfig`` (how older fairseq
+saved ``cfg``) references, besides its own classes, ``__builtin__`` dict/list/long/unicode/float/bool,
+``collections.defaultdict``, ``typing.Any``/``typing.List`` and ``_operator.getitem`` (``typing.List[str]`` is pickled
+as ``getitem(List, str)``), plus the config dataclasses and enums of the model and task, all of which are data here.
 """
 
 from __future__ import annotations
 
+import _compat_pickle
 import pickle
 import zipfile
 from pathlib import Path
@@ -55,14 +64,48 @@ def _make_inert(module: str, name: str) -> type:
     return type(name, (_Inert,), {"__module__": module, "_qualified": f"{module}.{name}"})
 
 
+class _Subscripted(_Inert):
+    """What ``typing.List[str]`` (pickled as ``operator.getitem(List, str)``) becomes: a record, no code run."""
+
+
+def _inert_getitem(obj: Any, key: Any) -> Any:
+    # Only subscripting of stand-ins is admitted: the real operator.getitem on a real object could run its
+    # __getitem__, and nothing but typing-style annotations needs it in the pickles we read.
+    if isinstance(obj, _Inert) or (isinstance(obj, type) and issubclass(obj, _Inert)):
+        return _Subscripted(obj, key)
+    raise pickle.UnpicklingError(f"refusing operator.getitem on {type(obj).__name__}: only inert stand-ins may be subscripted")
+
+
+def _inert_reconstructor(cls: Any, base: Any, state: Any) -> Any:
+    # copyreg._reconstructor (protocols 0/1) calls base.__new__(cls) and base.__init__(obj, state): admitted only
+    # when it builds a stand-in from plain object, where neither call can run foreign code.
+    if isinstance(cls, type) and issubclass(cls, _Inert) and base is object and state is None:
+        return cls.__new__(cls)
+    raise pickle.UnpicklingError("refusing copyreg._reconstructor outside inert stand-ins")
+
+
 # Globals that are safe to resolve to the real object (they only rebuild data).
 _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): __import__("collections").OrderedDict,
     ("collections", "defaultdict"): __import__("collections").defaultdict,
+    # builtin data types only: no eval/exec/getattr/__import__/open/type/compile or any other callable
+    ("builtins", "dict"): dict,
+    ("builtins", "list"): list,
+    ("builtins", "tuple"): tuple,
+    ("builtins", "int"): int,
+    ("builtins", "float"): float,
+    ("builtins", "str"): str,
+    ("builtins", "bytes"): bytes,
+    ("builtins", "bytearray"): bytearray,
+    ("builtins", "bool"): bool,
+    ("builtins", "object"): object,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "slice"): slice,
     ("builtins", "complex"): complex,
+    ("_operator", "getitem"): _inert_getitem,
+    ("operator", "getitem"): _inert_getitem,
+    ("copyreg", "_reconstructor"): _inert_reconstructor,
     ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
     ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
     ("torch", "Size"): torch.Size,
@@ -74,14 +117,25 @@ for _name in ("float32", "float64", "float16", "bfloat16", "int64", "int32", "in
     _SAFE_GLOBALS[("torch", _name)] = getattr(torch, _name)
 
 # Classes replaced by inert stand-ins (module prefix match): their data is kept, their code never runs.
+# ``mert_fairseq.`` is MERT's fairseq user directory (its model and task config dataclasses appear as omegaconf
+# ``object_type``s in checkpoints that pickled the config).
 _INERT_PREFIXES = (
     "fairseq.",
+    "mert_fairseq.",
     "omegaconf.",
     "argparse.Namespace",
     "enum.",
     "typing.",
     "numpy.",
 )
+
+
+def _python3_name(module: str, name: str) -> tuple[str, str]:
+    """The Python 3 spelling of a global a protocol-0..2 pickle names the Python-2 way (``__builtin__ long`` ->
+    ``builtins int``), from the standard library's own table; other names are returned unchanged."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
 
 
 def _resolve_numpy(module: str, name: str) -> Any | None:
@@ -119,6 +173,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         self.policy = policy
 
     def find_class(self, module: str, name: str) -> Any:  # noqa: D401
+        module, name = _python3_name(module, name)
         key = (module, name)
         if self.policy == "checkpoint" and key in _SAFE_GLOBALS:
             return _SAFE_GLOBALS[key]
@@ -186,6 +241,9 @@ def to_plain(obj: Any, depth: int = 0) -> Any:
             return to_plain(d["_content"], depth + 1)
         if "_val" in d:
             return to_plain(d["_val"], depth + 1)
+        if "_state" not in d and len(d.get("_args", ())) == 1 and not d.get("_kwargs"):
+            # an enum member (pickled as ``EnumClass(value)``), e.g. fairseq's extractor_mode: its value
+            return to_plain(d["_args"][0], depth + 1)
         if "_items" in d:
             return {k: to_plain(v, depth + 1) for k, v in d["_items"].items()}
         if "_list" in d:

@@ -35,9 +35,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"skipped recomputable buffers: {', '.join(report['skipped_recomputable'])}")
     if report.get("missing_keys"):
         print(f"missing in source, freshly initialised: {', '.join(report['missing_keys'])}")
+    for note in model.preprocessor_notes:
+        print(f"note: {note}")
     sizes = export_bytes_summary(out)
     heads = "with pre-training heads" if model.heads is not None else "without pre-training heads"
-    print(f"wrote {out} ({heads}; {model.num_layers} layers, hidden {model.hidden_size})")
+    print(f"wrote {out} ({heads}; {model.num_layers} layers, hidden {model.hidden_size}; "
+          f"{model.sample_rate} Hz input, {model.frame_rate:g} frames/s)")
     for name, size in sorted(sizes.items()):
         print(f"  {name:34s} {size / 1e6:9.2f} MB")
     return 0

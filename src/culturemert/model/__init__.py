@@ -11,16 +11,19 @@
 """
 
 from culturemert.model.mert import (
+    MERT_SAMPLE_RATE,
     PRESETS,
     HeadsConfig,
     MertOutput,
     MertPretrainModel,
     PretrainingHeads,
     build_model,
+    check_sample_rate,
+    default_preprocessor_config,
     num_frames_for,
     preset_config,
 )
-from culturemert.model.weights import model_fingerprint, state_dict_fingerprint
+from culturemert.model.weights import check_finite, model_fingerprint, state_dict_fingerprint
 from culturemert.model.export import (
     LazyExport,
     LazySafetensors,
@@ -34,14 +37,18 @@ from culturemert.model.fairseq import culturemert_to_fairseq_state_dict, fairseq
 from culturemert.model.load import load_model
 
 __all__ = [
+    "MERT_SAMPLE_RATE",
     "PRESETS",
     "HeadsConfig",
     "MertOutput",
     "MertPretrainModel",
     "PretrainingHeads",
     "build_model",
+    "check_sample_rate",
+    "default_preprocessor_config",
     "num_frames_for",
     "preset_config",
+    "check_finite",
     "model_fingerprint",
     "state_dict_fingerprint",
     "LazyExport",

@@ -9,18 +9,27 @@ import logging
 import math
 import os
 import shutil
-import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import HubertConfig
 
 from culturemert.errors import CheckpointError
-from culturemert.files import fsync_dir as _fsync_dir, name_os_error, sha256_file
+from culturemert.files import apply_default_modes, fsync_dir as _fsync_dir, make_temp_dir, name_os_error, sha256_file
 from culturemert.model.mert import HeadsConfig, MertPretrainModel
-from culturemert.model.weights import hubert_config_from_hf, load_backbone_state, read_weights, state_dict_fingerprint
+from culturemert.model.weights import (
+    check_finite,
+    hubert_config_from_hf,
+    load_backbone_state,
+    load_heads_state,
+    read_preprocessing,
+    read_weights,
+    state_dict_fingerprint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,40 +51,99 @@ def read_export_metadata(path: str | Path) -> dict[str, Any]:
     if not meta_path.is_file():
         return {}
     try:
-        return json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{meta_path}: invalid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: not a JSON object")
+    return meta
 
 
-def _open_export(
-    directory: Path, with_heads: bool, verify: bool
-) -> tuple[dict[str, Any], HubertConfig, HeadsConfig | None]:
-    """An export's metadata (files sha256-checked when ``verify``), backbone config and heads config."""
+# Unlisted files with these endings could be taken for the model's weights or configuration by some reader
+# (transformers, culturemert, a person): an export that holds one is ambiguous and is refused.
+_LOADABLE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", ".msgpack", ".h5", ".onnx", ".npz")
+
+
+@dataclass
+class _ExportHeader:
+    meta: dict[str, Any]
+    backbone_config: HubertConfig
+    heads_config: HeadsConfig | None
+    sample_rate: int
+    preprocessor: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {"sample_rate": self.sample_rate, "preprocessor_config": self.preprocessor, "preprocessor_notes": self.notes}
+
+
+def _open_export(directory: Path, with_heads: bool, verify: bool) -> _ExportHeader:
+    """An export's metadata, backbone and heads configs and preprocessing, with the directory audited against its
+    record: every listed file present (and its sha256 checked when ``verify``), no unlisted weight/config file, the
+    heads file present exactly when the record has heads, sample rates that agree.
+
+    Raises:
+        CheckpointError: the first disagreement, naming the file.
+    """
     meta = read_export_metadata(directory)
     if meta.get("format") != EXPORT_FORMAT:
         raise CheckpointError(f"{directory}: {EXPORT_META} is not a culturemert export")
+    files = meta.get("files")
+    if not isinstance(files, dict) or BACKBONE_FILE not in files or "config.json" not in files:
+        raise CheckpointError(f"{directory}: {EXPORT_META} lists no {BACKBONE_FILE} and config.json under 'files'")
+    for name in files:
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{directory}: file {name} listed in {EXPORT_META} is missing")
+    for p in sorted(directory.iterdir()):
+        unlisted = p.name not in files and p.name != EXPORT_META and not p.name.startswith(".")
+        if unlisted and p.is_file() and p.name.endswith(_LOADABLE_SUFFIXES):
+            raise CheckpointError(
+                f"{directory}: {p.name} is not listed in {EXPORT_META}; it is not part of this export (remove it)"
+            )
+    if bool(meta.get("heads")) != (HEADS_FILE in files):
+        raise CheckpointError(
+            f"{directory}: {EXPORT_META} "
+            + (f"records heads but lists no {HEADS_FILE}" if meta.get("heads") else f"records no heads but lists {HEADS_FILE}")
+        )
     if verify:
-        for name, digest in meta.get("files", {}).items():
-            f = directory / name
-            if not f.is_file():
-                raise CheckpointError(f"{directory}: file {name} listed in {EXPORT_META} is missing")
-            if sha256_file(f) != digest:
+        for name, digest in files.items():
+            if sha256_file(directory / name) != digest:
                 raise CheckpointError(f"{directory}: checksum mismatch for {name} (corrupted or modified)")
-    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{directory / 'config.json'}: cannot read config ({exc})") from None
+    sample_rate, preprocessor, notes = read_preprocessing(directory, config, meta)
     backbone_cfg = hubert_config_from_hf(config, str(directory))
     heads_cfg = HeadsConfig(**meta["heads"]) if (with_heads and meta.get("heads")) else None
-    return meta, backbone_cfg, heads_cfg
+    return _ExportHeader(meta, backbone_cfg, heads_cfg, sample_rate, preprocessor, notes)
+
+
+def _check_recorded_fingerprint(directory: Path, meta: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None:
+    recorded = meta.get("fingerprint")
+    if recorded and state_dict_fingerprint(state) != recorded:
+        raise CheckpointError(
+            f"{directory}: {BACKBONE_FILE} does not have the fingerprint {EXPORT_META} records "
+            "(weights replaced or record edited)"
+        )
 
 
 def load_export(directory: Path, with_heads: bool, verify: bool) -> MertPretrainModel:
-    _, backbone_cfg, heads_cfg = _open_export(directory, with_heads, verify)
-    model = MertPretrainModel(backbone_cfg, heads_cfg)
-    load_backbone_state(model, read_weights(directory), str(directory))
-    if heads_cfg is not None:
-        heads_sd = load_file(directory / HEADS_FILE)
-        model.heads.load_state_dict(heads_sd, strict=True)
+    header = _open_export(directory, with_heads, verify)
+    model = MertPretrainModel(header.backbone_config, header.heads_config, **header.model_kwargs())
+    weights = read_weights(directory)
+    _check_recorded_fingerprint(directory, header.meta, weights)
+    load_backbone_state(model, weights, str(directory))
+    if header.heads_config is not None:
+        heads_path = directory / HEADS_FILE
+        try:
+            heads_sd = load_file(heads_path)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{heads_path}: not a readable safetensors file ({exc})") from None
+        check_finite(heads_sd, heads_path)
+        load_heads_state(model, heads_sd, heads_path)
     model.load_report = {"format": "culturemert-export", "unused_keys": [], "missing_keys": [],
-                         "has_heads": heads_cfg is not None}
+                         "has_heads": header.heads_config is not None, "sample_rate": header.sample_rate}
     model.eval()
     return model
 
@@ -182,8 +250,14 @@ class LazyExport:
 
     def __init__(self, directory: str | Path, *, with_heads: bool = True, verify: bool = True):
         self.directory = Path(str(directory)).expanduser()
-        self.meta, self.backbone_config, self.heads_config = _open_export(self.directory, with_heads, verify)
+        self._header = _open_export(self.directory, with_heads, verify)
+        self.meta, self.backbone_config, self.heads_config = self._header.meta, self._header.backbone_config, self._header.heads_config
+        self.sample_rate = self._header.sample_rate
         self.fingerprint: str | None = self.meta.get("fingerprint")
+        if verify:
+            # the sha256 check proves the files are the ones recorded, not that the recorded fingerprint describes
+            # them; one streamed pass (one tensor in memory at a time) does
+            _check_recorded_fingerprint(self.directory, self.meta, LazySafetensors(self.directory / BACKBONE_FILE))
         self.parts = [LazySafetensors(self.directory / BACKBONE_FILE, "backbone.")]
         if self.heads_config is not None:
             self.parts.append(LazySafetensors(self.directory / HEADS_FILE, "heads."))
@@ -200,7 +274,9 @@ class LazyExport:
         """The export's architecture with weights on the meta device (no memory), to be filled with
         ``load_state_dict(..., assign=True)``."""
         with torch.device("meta"):
-            model = MertPretrainModel(self.backbone_config, self.heads_config if with_heads else None)
+            model = MertPretrainModel(
+                self.backbone_config, self.heads_config if with_heads else None, **self._header.model_kwargs()
+            )
         return model
 
 
@@ -243,8 +319,8 @@ def _model_card(meta: Mapping[str, Any]) -> str:
         "model = AutoModel.from_pretrained(PATH)  # no trust_remote_code needed",
         "```",
         "",
-        "Inputs: mono waveform at 24 kHz; 75 frames/s; `output_hidden_states=True` gives "
-        f"{meta.get('num_hidden_states', '?')} hidden states.",
+        f"Inputs: mono waveform at {meta.get('sample_rate', '?')} Hz; {meta.get('frame_rate', '?'):g} frames/s; "
+        f"`output_hidden_states=True` gives {meta.get('num_hidden_states', '?')} hidden states.",
         "",
         f"- backbone fingerprint: `{meta.get('fingerprint')}`",
     ]
@@ -276,16 +352,24 @@ def save_export(
 ) -> Path:
     """Write an export directory atomically (a temp dir renamed into place).
 
-    Layout: ``config.json`` + ``model.safetensors`` (plain HubertModel: ``AutoModel`` loads it),
-    ``preprocessor_config.json`` (24 kHz, no normalisation, as MERT was pre-trained),
-    ``pretraining_heads.safetensors`` (if the model has heads), ``culturemert.json`` (heads config,
-    fingerprints, provenance card, sha256 of every file) and a ``README.md`` model card.
+    Layout: ``config.json`` + ``model.safetensors`` (plain HubertModel: ``AutoModel`` loads it; ``sample_rate``
+    recorded as MERT's own configs do), ``preprocessor_config.json`` (the model's ``preprocessor_config``: the
+    source's values unchanged, or culturemert's defaults for a source without one, listed in
+    ``preprocessor_notes``), ``pretraining_heads.safetensors`` (if the model has heads), ``culturemert.json``
+    (heads config, sample rate, fingerprints, provenance card, sha256 of every file) and a ``README.md`` card.
+    Files and directory get the umask's default permissions.
+
+    Raises:
+        CheckpointError: ``out_dir`` exists and ``overwrite`` is false; OSError (named) on write failures.
     """
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} exists (pass overwrite=True)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    sample_rate = int(getattr(model, "sample_rate"))
+    preprocessor = dict(getattr(model, "preprocessor_config"))
+    frame_rate = sample_rate / math.prod(int(s) for s in model.config.conv_stride)
+    tmp = make_temp_dir(out.parent, prefix=f".{out.name}.")
     try:
         backbone_sd = {k: v.detach().to("cpu") for k, v in model.backbone.state_dict().items()}
         if dtype is not None:
@@ -295,24 +379,11 @@ def save_export(
         config = model.config.to_dict()
         config["architectures"] = ["HubertModel"]
         config["model_type"] = "hubert"
+        config["sample_rate"] = sample_rate
         if dtype is not None:
             config["torch_dtype"] = str(dtype).replace("torch.", "")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str), encoding="utf-8")
-        (tmp / "preprocessor_config.json").write_text(
-            json.dumps(
-                {
-                    "feature_extractor_type": "Wav2Vec2FeatureExtractor",
-                    "feature_size": 1,
-                    "padding_side": "right",
-                    "padding_value": 0.0,
-                    "return_attention_mask": True,
-                    "do_normalize": False,
-                    "sampling_rate": 24000,
-                },
-                indent=2,
-            ),
-            encoding="utf-8",
-        )
+        (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2), encoding="utf-8")
         if model.heads is not None:
             heads_sd = {k: v.detach().cpu().contiguous() for k, v in model.heads.state_dict().items()}
             if dtype is not None:
@@ -328,9 +399,11 @@ def save_export(
             "architecture": (
                 f"{model.num_layers} transformer layers x {model.hidden_size} ({'pre' if model.config.do_stable_layer_norm else 'post'}-LN), "
                 f"{len(model.config.conv_dim)}-layer conv front end (stride {int(torch.tensor(model.config.conv_stride).prod())}, "
-                f"75 Hz at 24 kHz), {sum(p.numel() for p in model.backbone.parameters()):,} backbone parameters"
+                f"{frame_rate:g} Hz at {sample_rate / 1000:g} kHz), {sum(p.numel() for p in model.backbone.parameters()):,} backbone parameters"
             ),
-            "sample_rate": 24000,
+            "sample_rate": sample_rate,
+            "frame_rate": frame_rate,
+            "preprocessor_notes": list(getattr(model, "preprocessor_notes", [])),
             "card": dict(card or {}),
         }
         (tmp / "README.md").write_text(_model_card(meta), encoding="utf-8")
@@ -339,6 +412,7 @@ def save_export(
         for p in tmp.iterdir():
             with open(p, "rb") as fh:
                 os.fsync(fh.fileno())
+        apply_default_modes(tmp)  # mkdtemp made it 0700 and save_file writes 0600 files
         if out.exists():
             trash = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, trash)

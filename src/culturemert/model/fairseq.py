@@ -2,9 +2,11 @@
 
 The file is read through :mod:`culturemert.safe_pickle` (tensors, plain containers and inert stand-ins for
 ``fairseq.data.dictionary.Dictionary``, omegaconf containers and ``argparse.Namespace``; any other global is refused
-before it can run). The pre-training heads are kept, nnAudio's recomputable CQT kernels are skipped, and label
-embeddings are re-ordered so that row ``n_special + c`` always embeds code ``c`` whatever order the fairseq
-dictionary listed the codes in. Key mapping: see docs/checkpoints.md.
+before it can run). ``cfg`` may be a plain dict (fairseq >= 0.12 saves ``OmegaConf.to_container``), a pickled
+omegaconf ``DictConfig`` (older fairseq) or absent in favour of ``args`` (pre-Hydra); whole-value interpolations
+such as ``${task.sample_rate}`` are resolved against the saved config. The pre-training heads are kept, nnAudio's
+recomputable CQT kernels are skipped, and label embeddings are re-ordered so that row ``n_special + c`` always
+embeds code ``c`` whatever order the fairseq dictionary listed the codes in. Key mapping: see docs/checkpoints.md.
 """
 
 from __future__ import annotations
@@ -20,14 +22,14 @@ from transformers import HubertConfig
 
 from culturemert.errors import CheckpointError
 from culturemert.safe_pickle import restricted_torch_load, to_plain
-from culturemert.model.mert import HeadsConfig, MertPretrainModel
-from culturemert.model.weights import canonical_key, load_backbone_state
+from culturemert.model.mert import MERT_SAMPLE_RATE, HeadsConfig, MertPretrainModel, default_preprocessor_config
+from culturemert.model.weights import canonical_key, check_finite, load_backbone_state, load_heads_state
 
 log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------
-# fairseq <-> culturemert key mapping (mert-marble.md §B.4 / §B.5)
+# fairseq <-> culturemert key mapping (table in docs/checkpoints.md)
 # ----------------------------------------------------------------------------------------------------
 _FAIRSEQ_LAYER_RULES = [
     (r"self_attn\.(k_proj|v_proj|q_proj|out_proj)\.", r"attention.\1."),
@@ -39,23 +41,27 @@ _FAIRSEQ_LAYER_RULES = [
 
 
 def _fairseq_backbone_key(key: str, feat_extract_norm: str) -> str | None:
-    """fairseq MERT name -> HubertModel name (None: not part of the backbone)."""
+    """fairseq MERT name -> HubertModel name (None: not part of the backbone).
+
+    fairseq's ``ConvFeatureExtractionModel`` block i is ``Sequential(conv, Dropout, norm, GELU)``: the conv is
+    ``conv_layers.i.0``; in ``extractor_mode: default`` only block 0 has a norm, ``Fp32GroupNorm`` at
+    ``conv_layers.0.2``; in ``extractor_mode: layer_norm`` every block's norm is
+    ``Sequential(TransposeLast, Fp32LayerNorm, TransposeLast)``, so its LayerNorm is ``conv_layers.i.2.1``.
+    transformers' HubertModel calls both ``conv_layers.i.layer_norm``.
+    """
     if key == "mask_emb":
         return "masked_spec_embed"
-    m = re.fullmatch(r"feature_extractor\.conv_layers\.(\d+)\.(\d+)\.(weight|bias)", key)
+    m = re.fullmatch(r"feature_extractor\.conv_layers\.(\d+)\.0\.(weight|bias)", key)
     if m:
-        block, sub, kind = int(m.group(1)), int(m.group(2)), m.group(3)
-        if sub == 0:
-            return f"feature_extractor.conv_layers.{block}.conv.{kind}"
-        if feat_extract_norm == "group" and block == 0 and sub == 2:
-            return f"feature_extractor.conv_layers.0.layer_norm.{kind}"
-        if feat_extract_norm == "layer" and sub == 1:
-            # fairseq layer_norm mode: Sequential(conv, Sequential(TransposeLast, Fp32LayerNorm, TransposeLast), GELU)
-            return None
-        return None
-    m = re.fullmatch(r"feature_extractor\.conv_layers\.(\d+)\.1\.1\.(weight|bias)", key)
+        return f"feature_extractor.conv_layers.{m.group(1)}.conv.{m.group(2)}"
+    m = re.fullmatch(r"feature_extractor\.conv_layers\.0\.2\.(weight|bias)", key)
+    if m and feat_extract_norm == "group":
+        return f"feature_extractor.conv_layers.0.layer_norm.{m.group(1)}"
+    m = re.fullmatch(r"feature_extractor\.conv_layers\.(\d+)\.2\.1\.(weight|bias)", key)
     if m and feat_extract_norm == "layer":
         return f"feature_extractor.conv_layers.{m.group(1)}.layer_norm.{m.group(2)}"
+    if key.startswith("feature_extractor."):
+        return None
     if key.startswith("layer_norm."):
         return "feature_projection." + key
     if key.startswith("post_extract_proj."):
@@ -106,7 +112,12 @@ def fairseq_to_culturemert_keys(
 
 
 def culturemert_to_fairseq_state_dict(model: MertPretrainModel) -> dict[str, torch.Tensor]:
-    """Inverse mapping (group-norm extractor): our model's weights under fairseq MERT names."""
+    """Inverse mapping: our model's weights under fairseq MERT names (either extractor mode).
+
+    Raises:
+        CheckpointError: a backbone tensor has no fairseq name.
+    """
+    mode = model.config.feat_extract_norm
     inverse: dict[str, str] = {}
     probe_keys = [
         "mask_emb", "layer_norm.weight", "layer_norm.bias", "post_extract_proj.weight", "post_extract_proj.bias",
@@ -115,14 +126,15 @@ def culturemert_to_fairseq_state_dict(model: MertPretrainModel) -> dict[str, tor
         "feature_extractor.conv_layers.0.2.weight", "feature_extractor.conv_layers.0.2.bias",
     ]
     for i in range(len(model.config.conv_dim)):
-        probe_keys += [f"feature_extractor.conv_layers.{i}.0.weight", f"feature_extractor.conv_layers.{i}.0.bias"]
+        probe_keys += [f"feature_extractor.conv_layers.{i}.0.weight", f"feature_extractor.conv_layers.{i}.0.bias",
+                       f"feature_extractor.conv_layers.{i}.2.1.weight", f"feature_extractor.conv_layers.{i}.2.1.bias"]
     for i in range(model.num_layers):
         for sub in ("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj", "self_attn.out_proj",
                     "self_attn_layer_norm", "fc1", "fc2", "final_layer_norm"):
             for kind in ("weight", "bias"):
                 probe_keys.append(f"encoder.layers.{i}.{sub}.{kind}")
     for fk in probe_keys:
-        ck = _fairseq_backbone_key(fk, "group")
+        ck = _fairseq_backbone_key(fk, mode)
         if ck is not None:
             inverse[ck] = fk
     out: dict[str, torch.Tensor] = {}
@@ -163,7 +175,9 @@ def _parse_conv_layers(spec: str) -> list[tuple[int, int, int]]:
 
 def _hubert_config_from_fairseq(cfg: Mapping[str, Any]) -> HubertConfig:
     conv = _parse_conv_layers(str(cfg.get("conv_feature_layers", "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2")))
-    extractor = cfg.get("extractor_mode", "default")
+    extractor = str(cfg.get("extractor_mode", "default"))
+    if extractor not in ("default", "layer_norm"):
+        raise CheckpointError(f"fairseq extractor_mode {extractor!r} is not one of 'default', 'layer_norm'")
     if cfg.get("deepnorm"):
         raise CheckpointError("fairseq checkpoint uses deepnorm=True, which transformers' HubertModel cannot express")
     if cfg.get("feature_extractor_cqt"):
@@ -205,20 +219,71 @@ def _dictionary_symbols(d: Any) -> list[str]:
     return [str(s) for s in symbols]
 
 
+_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")
+
+
+def _resolve_interpolations(cfg: Any, root: Any, depth: int = 0) -> Any:
+    """Replace values that are exactly ``${a.b}`` by the value at that path of ``root`` (how omegaconf configs
+    saved unresolved point one key at another); anything else, including unresolvable references, stays."""
+    if isinstance(cfg, Mapping):
+        return {k: _resolve_interpolations(v, root, depth) for k, v in cfg.items()}
+    if isinstance(cfg, list):
+        return [_resolve_interpolations(v, root, depth) for v in cfg]
+    if isinstance(cfg, str) and depth < 10:
+        m = _INTERPOLATION.fullmatch(cfg.strip())
+        if m:
+            node: Any = root
+            for part in m.group(1).split("."):
+                if not isinstance(node, Mapping) or part not in node:
+                    return cfg
+                node = node[part]
+            return _resolve_interpolations(node, root, depth + 1)
+    return cfg
+
+
+def _fairseq_preprocessing(task_cfg: Mapping[str, Any], path: Path) -> tuple[int, dict[str, Any], list[str]]:
+    """Sample rate and preprocessor config from the fairseq task config (``sample_rate``, ``normalize``)."""
+    notes = ["preprocessor_config.json derived from the fairseq task config (task.sample_rate, task.normalize)"]
+    rate = task_cfg.get("sample_rate")
+    if rate is None:
+        rate = MERT_SAMPLE_RATE
+        notes.append(f"the fairseq checkpoint declares no task.sample_rate; {rate} Hz (MERT-v1) assumed")
+        log.warning("%s: no task.sample_rate in the checkpoint config; assuming %d Hz", path, rate)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or int(rate) != rate or rate <= 0:
+        raise CheckpointError(f"{path}: task.sample_rate is {rate!r}, not a positive whole number of Hz")
+    pre = default_preprocessor_config(int(rate))
+    pre["do_normalize"] = bool(task_cfg.get("normalize", False))
+    return int(rate), pre, notes
+
+
 def load_fairseq_checkpoint(path: str | Path) -> MertPretrainModel:
-    """Load ``MERT-v1-*_fairseq.pt`` (or any fairseq MERT checkpoint) with its pre-training heads."""
+    """Load ``MERT-v1-*_fairseq.pt`` (or any fairseq MERT checkpoint) with its pre-training heads.
+
+    ``model.sample_rate`` is ``task.sample_rate`` of the saved config.
+
+    Raises:
+        CheckpointError: refused pickle globals, no model config, unsupported options, non-finite or
+            mismatched tensors (named).
+    """
     path = Path(path)
     ckpt = restricted_torch_load(path)
     if not isinstance(ckpt, Mapping) or "model" not in ckpt:
         raise CheckpointError(f"{path}: not a fairseq checkpoint (no 'model' entry)")
     cfg = to_plain(ckpt.get("cfg") or {})
+    cfg = _resolve_interpolations(cfg, cfg)
     model_cfg = cfg.get("model") if isinstance(cfg, Mapping) else None
+    task_cfg = cfg.get("task") if isinstance(cfg, Mapping) else None
     if not model_cfg and ckpt.get("args") is not None:
-        model_cfg = to_plain(ckpt["args"])  # pre-Hydra fairseq: an argparse.Namespace
+        model_cfg = to_plain(ckpt["args"])  # pre-Hydra fairseq: an argparse.Namespace (task options included)
+        task_cfg = model_cfg
     if not isinstance(model_cfg, Mapping):
         raise CheckpointError(f"{path}: fairseq checkpoint has no model config (cfg['model'])")
     backbone_cfg = _hubert_config_from_fairseq(model_cfg)
+    sample_rate, preprocessor, notes = _fairseq_preprocessing(task_cfg if isinstance(task_cfg, Mapping) else {}, path)
     state = ckpt["model"]
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path}: 'model' entry is not a state dict")
+    check_finite({k: v for k, v in state.items() if isinstance(v, torch.Tensor) and not _FAIRSEQ_SKIP.match(k)}, path)
     backbone_sd, heads_sd, unused = fairseq_to_culturemert_keys(state, backbone_cfg.feat_extract_norm)
     skipped = sorted(k for k in state if _FAIRSEQ_SKIP.match(k))
     if unused:
@@ -268,14 +333,12 @@ def load_fairseq_checkpoint(path: str | Path) -> MertPretrainModel:
         )
         if "cqt_proj.weight" not in heads_sd:
             log.warning("%s: no CQT head in checkpoint; it will be freshly initialised", path)
-    model = MertPretrainModel(backbone_cfg, heads_cfg)
+    model = MertPretrainModel(
+        backbone_cfg, heads_cfg, sample_rate=sample_rate, preprocessor_config=preprocessor, preprocessor_notes=notes
+    )
     load_backbone_state(model, backbone_sd, source=str(path))
     if heads_cfg is not None:
-        missing, unexpected = model.heads.load_state_dict(heads_sd, strict=False)
-        if unexpected:
-            raise CheckpointError(f"{path}: unexpected head tensors {unexpected}")
-        if [m for m in missing if not m.startswith("cqt_proj")]:
-            raise CheckpointError(f"{path}: missing head tensors {missing}")
+        load_heads_state(model, heads_sd, path, optional=("cqt_proj",))
     model.load_report = {
         "format": "fairseq",
         "unused_keys": sorted(unused),
@@ -283,6 +346,7 @@ def load_fairseq_checkpoint(path: str | Path) -> MertPretrainModel:
         "missing_keys": [] if heads_cfg is None else [k for k in ("cqt_proj.weight", "cqt_proj.bias") if k not in heads_sd],
         "has_heads": heads_cfg is not None,
         "num_updates": _num_updates(ckpt),
+        "sample_rate": sample_rate,
     }
     model.eval()
     return model

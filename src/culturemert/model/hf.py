@@ -12,21 +12,33 @@ from pathlib import Path
 from culturemert.errors import CheckpointError
 from culturemert.model.mert import MertPretrainModel
 from culturemert.model.export import EXPORT_META
-from culturemert.model.weights import hubert_config_from_hf, load_backbone_state, read_weights
+from culturemert.model.weights import hubert_config_from_hf, load_backbone_state, read_preprocessing, read_weights
 
 log = logging.getLogger(__name__)
 
 
 def load_hf_dir(directory: Path) -> MertPretrainModel:
+    """An HF MERT/HuBERT directory: ``config.json`` + weights (see :func:`~culturemert.model.weights.read_weights`)
+    and, if present, ``preprocessor_config.json`` (its sample rate becomes ``model.sample_rate``).
+
+    Raises:
+        CheckpointError: unreadable config, contradicting files or rates, non-finite or mismatched weights.
+    """
     config_path = directory / "config.json"
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{config_path}: cannot read config ({exc})") from None
-    model = MertPretrainModel(hubert_config_from_hf(config, str(directory)), None)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path}: not a JSON object")
+    sample_rate, preprocessor, notes = read_preprocessing(directory, config)
+    model = MertPretrainModel(
+        hubert_config_from_hf(config, str(directory)), None,
+        sample_rate=sample_rate, preprocessor_config=preprocessor, preprocessor_notes=notes,
+    )
     missing = load_backbone_state(model, read_weights(directory), str(directory))
     model.load_report = {"format": f"hf:{config.get('model_type', 'hubert')}", "unused_keys": [],
-                         "missing_keys": missing, "has_heads": False}
+                         "missing_keys": missing, "has_heads": False, "sample_rate": sample_rate}
     model.eval()
     return model
 
@@ -46,7 +58,7 @@ def download_from_hub(source: str) -> Path:
         return Path(
             snapshot_download(
                 repo_id,
-                allow_patterns=["config.json", "*.safetensors", "pytorch_model.bin", "preprocessor_config.json",
+                allow_patterns=["config.json", "*.safetensors", "pytorch_model*.bin", "*.index.json", "preprocessor_config.json",
                                 EXPORT_META, "README.md"],
             )
         )

@@ -1,7 +1,8 @@
 """The MERT model: a transformers ``HubertModel`` backbone plus MERT's pre-training heads.
 
-The backbone is *not* re-implemented: HF MERT checkpoints are HubertModel checkpoints in all but name
-(``mert-marble.md`` §B.1), so we build ``transformers.HubertModel`` from a plain ``HubertConfig``. That also
+The backbone is *not* re-implemented: HF MERT checkpoints are HubertModel checkpoints in all but name (MERT's
+``modeling_MERT.py`` subclasses ``HubertModel`` and, for the v1 models, changes nothing that runs), so we build
+``transformers.HubertModel`` from a plain ``HubertConfig``. That also
 sidesteps the remote-code breakage of transformers >= 4.48 (``MERTConfig`` lacks ``conv_pos_batch_norm``).
 
 The heads follow fairseq's MERT layout so that the fairseq checkpoint's heads load 1:1:
@@ -15,15 +16,16 @@ The heads follow fairseq's MERT layout so that the fairseq checkpoint's heads lo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 from transformers import HubertConfig, HubertModel
 
 from culturemert.config import StrictModel
-from culturemert.errors import ConfigError
+from culturemert.errors import CheckpointError, ConfigError
 
 __all__ = [
     "HeadsConfig",
@@ -34,7 +36,28 @@ __all__ = [
     "preset_config",
     "build_model",
     "num_frames_for",
+    "MERT_SAMPLE_RATE",
+    "default_preprocessor_config",
+    "check_sample_rate",
 ]
+
+# MERT-v1 is trained on 24 kHz audio (75 Hz frames after the 320x conv stack); MERT-v0 ran at 16 kHz.
+MERT_SAMPLE_RATE = 24000
+
+
+def default_preprocessor_config(sample_rate: int = MERT_SAMPLE_RATE) -> dict[str, Any]:
+    """The ``preprocessor_config.json`` culturemert writes for a model whose source declared none (a preset, a
+    fairseq checkpoint): transformers' ``Wav2Vec2FeatureExtractor`` fields with ``do_normalize`` false, the
+    input MERT's pre-training saw (fairseq's ``task.normalize`` defaults to false)."""
+    return {
+        "feature_extractor_type": "Wav2Vec2FeatureExtractor",
+        "feature_size": 1,
+        "padding_side": "right",
+        "padding_value": 0.0,
+        "return_attention_mask": True,
+        "do_normalize": False,
+        "sampling_rate": int(sample_rate),
+    }
 
 
 class HeadsConfig(StrictModel):
@@ -216,10 +239,31 @@ class MertPretrainModel(nn.Module):
     ``forward`` runs the HF model unchanged; a forward hook on its conv feature encoder applies
     ``feature_grad_mult`` and records MERT's feature penalty, so hidden-state capture, SDPA attention,
     gradient checkpointing and layerdrop all stay transformers' own.
+
+    ``sample_rate`` (Hz) is the rate the model's source declared (MERT-v1: 24000, MERT-v0: 16000); callers feed
+    audio at that rate. ``preprocessor_config`` is the source's ``preprocessor_config.json`` (or what culturemert
+    derived for a source without one, see ``preprocessor_notes``); exports write both back unchanged.
     """
 
-    def __init__(self, backbone_config: HubertConfig, heads_config: HeadsConfig | None = None):
+    def __init__(
+        self,
+        backbone_config: HubertConfig,
+        heads_config: HeadsConfig | None = None,
+        *,
+        sample_rate: int = MERT_SAMPLE_RATE,
+        preprocessor_config: Mapping[str, Any] | None = None,
+        preprocessor_notes: list[str] | None = None,
+    ):
         super().__init__()
+        self.sample_rate = int(sample_rate)
+        self.preprocessor_config = dict(preprocessor_config) if preprocessor_config else default_preprocessor_config(sample_rate)
+        if int(self.preprocessor_config.get("sampling_rate", self.sample_rate)) != self.sample_rate:
+            raise CheckpointError(
+                f"preprocessor config declares sampling_rate {self.preprocessor_config['sampling_rate']}, "
+                f"the model {self.sample_rate} Hz"
+            )
+        self.preprocessor_config["sampling_rate"] = self.sample_rate
+        self.preprocessor_notes = list(preprocessor_notes or [])
         if backbone_config.mask_time_prob <= 0 and backbone_config.mask_feature_prob <= 0:
             # HubertModel only creates `masked_spec_embed` (MERT's mask embedding) when a mask prob is > 0.
             backbone_config.mask_time_prob = 0.05
@@ -249,6 +293,11 @@ class MertPretrainModel(nn.Module):
 
     def num_frames(self, num_samples: int) -> int:
         return num_frames_for(self.config, num_samples)
+
+    @property
+    def frame_rate(self) -> float:
+        """Frames per second: ``sample_rate`` / product of the conv strides (75.0 for MERT-v1 at 24 kHz)."""
+        return self.sample_rate / math.prod(int(s) for s in self.config.conv_stride)
 
     # -- forward ------------------------------------------------------------------------------------
     def _on_conv_features(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
@@ -287,12 +336,35 @@ class MertPretrainModel(nn.Module):
         pen = self._features_pen
         self._features_pen = None
         assert pen is not None
-        hidden = out.hidden_states if output_hidden_states else None
+        hidden = tuple(out.hidden_states) if output_hidden_states else None
+        if hidden is not None and self.config.do_stable_layer_norm and hidden[-1] is not out.last_hidden_state:
+            # Pre-LN encoders apply a final LayerNorm after the last layer. MERT's own modelling code and transformers
+            # 4.x return that LayerNorm'd tensor as the last hidden state (it *is* last_hidden_state); transformers
+            # 5.x records layer outputs with hooks and so returns the last layer's output before the LayerNorm.
+            # Checking the object rather than the version keeps MERT's reference on either.
+            hidden = hidden[:-1] + (out.last_hidden_state,)
         return MertOutput(
             last_hidden_state=out.last_hidden_state,
-            hidden_states=tuple(hidden) if hidden is not None else None,
+            hidden_states=hidden,
             features_pen=pen,
             num_frames=out.last_hidden_state.shape[1],
+        )
+
+
+def check_sample_rate(model: MertPretrainModel, expected_hz: int, purpose: str, source: str = "the model") -> None:
+    """Refuse to use ``model`` for ``purpose`` at ``expected_hz`` when it declares another rate.
+
+    Pre-training feeds 24 kHz audio against 75 Hz teacher labels; a 16 kHz model (MERT-v0) would see audio at the
+    wrong rate and produce 50 Hz frames, misaligned with every label, without any error further down.
+
+    Raises:
+        CheckpointError: naming both rates, the source and the purpose.
+    """
+    declared = int(getattr(model, "sample_rate", MERT_SAMPLE_RATE))
+    if declared != int(expected_hz):
+        raise CheckpointError(
+            f"{source} declares sample rate {declared} Hz, but {purpose} runs at {int(expected_hz)} Hz; "
+            f"use a {int(expected_hz) // 1000} kHz model"
         )
 
 
