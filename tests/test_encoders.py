@@ -280,14 +280,14 @@ def test_remote_code_needs_the_flag_runs_at_its_declared_rate_and_is_recorded(tm
 # MERT: the declared rate (MERT-v0 style 16 kHz) and non-finite features
 
 
-def _mert_dir(directory: Path, *, rate: int | None, model_type: str = "mert_model", nan: bool = False,
+def _mert_dir(directory: Path, *, rate: int | None, model_type: str = "mert_model", overflow: bool = False,
               preprocessor_rate: int | None = None) -> Path:
     from culturemert.model import build_model
 
     model = build_model("tiny", with_heads=False, seed=0)
-    if nan:
+    if overflow:  # finite weights (loading refuses NaN/inf ones) whose activations overflow float32 to inf
         with torch.no_grad():
-            model.backbone.encoder.layers[1].final_layer_norm.weight[3] = float("nan")
+            model.backbone.encoder.layers[1].final_layer_norm.weight[3] = 3e38
     model.backbone.save_pretrained(directory)
     config = json.loads((directory / "config.json").read_text())
     config["model_type"] = model_type
@@ -314,7 +314,7 @@ def test_mert_checkpoint_declaring_16k_runs_at_16k(tmp_path):
     with torch.no_grad():
         ref = v0.model(torch.from_numpy(normalize_waveform(load_audio(audio, 16_000)))[None], output_hidden_states=True)
     np.testing.assert_allclose(pooled[0], torch.stack(ref.hidden_states, 1)[0].mean(1).numpy(), atol=1e-5)
-    with pytest.raises(CheckpointError, match="different sample rates"):
+    with pytest.raises(CheckpointError, match="sample_rate is 16000 but preprocessor_config.json sampling_rate is 24000"):
         build_encoder(str(_mert_dir(tmp_path / "bad", rate=16_000, preprocessor_rate=24_000)), device="cpu")
     # a plain HuBERT directory declaring nothing runs at HuBERT's 16 kHz, a MERT one at 24 kHz
     assert build_encoder(str(_mert_dir(tmp_path / "hub", rate=None, model_type="hubert")), device="cpu").sample_rate == 16_000
@@ -323,7 +323,7 @@ def test_mert_checkpoint_declaring_16k_runs_at_16k(tmp_path):
 def test_nan_features_fail_naming_track_and_hidden_state_and_are_never_cached(tmp_path, capsys):
     from culturemert.cli import main
 
-    directory = _mert_dir(tmp_path / "nan", rate=None, nan=True)
+    directory = _mert_dir(tmp_path / "nan", rate=None, overflow=True)
     audio = tmp_path / "audio"
     audio.mkdir()
     _write(audio / "fine name.wav", 1.0)

@@ -11,7 +11,7 @@
 """
 
 from culturemert.model.mert import (
-    MERT_SAMPLE_RATE,
+    HUBERT_SAMPLE_RATE,
     PRESETS,
     HeadsConfig,
     MertOutput,
@@ -37,7 +37,7 @@ from culturemert.model.fairseq import culturemert_to_fairseq_state_dict, fairseq
 from culturemert.model.load import load_model
 
 __all__ = [
-    "MERT_SAMPLE_RATE",
+    "HUBERT_SAMPLE_RATE",
     "PRESETS",
     "HeadsConfig",
     "MertOutput",

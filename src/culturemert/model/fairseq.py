@@ -20,9 +20,10 @@ from typing import Any, Mapping
 import torch
 from transformers import HubertConfig
 
+from culturemert.label_grid import SAMPLE_RATE
 from culturemert.errors import CheckpointError
 from culturemert.safe_pickle import restricted_torch_load, to_plain
-from culturemert.model.mert import MERT_SAMPLE_RATE, HeadsConfig, MertPretrainModel, default_preprocessor_config
+from culturemert.model.mert import HeadsConfig, MertPretrainModel, default_preprocessor_config
 from culturemert.model.weights import canonical_key, check_finite, load_backbone_state, load_heads_state
 
 log = logging.getLogger(__name__)
@@ -246,7 +247,7 @@ def _fairseq_preprocessing(task_cfg: Mapping[str, Any], path: Path) -> tuple[int
     notes = ["preprocessor_config.json derived from the fairseq task config (task.sample_rate, task.normalize)"]
     rate = task_cfg.get("sample_rate")
     if rate is None:
-        rate = MERT_SAMPLE_RATE
+        rate = SAMPLE_RATE
         notes.append(f"the fairseq checkpoint declares no task.sample_rate; {rate} Hz (MERT-v1) assumed")
         log.warning("%s: no task.sample_rate in the checkpoint config; assuming %d Hz", path, rate)
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or int(rate) != rate or rate <= 0:

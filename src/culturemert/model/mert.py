@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from transformers import HubertConfig, HubertModel
 
+from culturemert.label_grid import SAMPLE_RATE
 from culturemert.config import StrictModel
 from culturemert.errors import CheckpointError, ConfigError
 
@@ -36,16 +37,17 @@ __all__ = [
     "preset_config",
     "build_model",
     "num_frames_for",
-    "MERT_SAMPLE_RATE",
+    "HUBERT_SAMPLE_RATE",
     "default_preprocessor_config",
     "check_sample_rate",
 ]
 
 # MERT-v1 is trained on 24 kHz audio (75 Hz frames after the 320x conv stack); MERT-v0 ran at 16 kHz.
-MERT_SAMPLE_RATE = 24000
+#: A plain HuBERT's rate (facebook/hubert-*, 16 kHz speech), the standard of a ``hubert`` config that declares none.
+HUBERT_SAMPLE_RATE = 16_000
 
 
-def default_preprocessor_config(sample_rate: int = MERT_SAMPLE_RATE) -> dict[str, Any]:
+def default_preprocessor_config(sample_rate: int = SAMPLE_RATE) -> dict[str, Any]:
     """The ``preprocessor_config.json`` culturemert writes for a model whose source declared none (a preset, a
     fairseq checkpoint): transformers' ``Wav2Vec2FeatureExtractor`` fields with ``do_normalize`` false, the
     input MERT's pre-training saw (fairseq's ``task.normalize`` defaults to false)."""
@@ -250,7 +252,7 @@ class MertPretrainModel(nn.Module):
         backbone_config: HubertConfig,
         heads_config: HeadsConfig | None = None,
         *,
-        sample_rate: int = MERT_SAMPLE_RATE,
+        sample_rate: int = SAMPLE_RATE,
         preprocessor_config: Mapping[str, Any] | None = None,
         preprocessor_notes: list[str] | None = None,
     ):
@@ -360,7 +362,7 @@ def check_sample_rate(model: MertPretrainModel, expected_hz: int, purpose: str, 
     Raises:
         CheckpointError: naming both rates, the source and the purpose.
     """
-    declared = int(getattr(model, "sample_rate", MERT_SAMPLE_RATE))
+    declared = int(getattr(model, "sample_rate", SAMPLE_RATE))
     if declared != int(expected_hz):
         raise CheckpointError(
             f"{source} declares sample rate {declared} Hz, but {purpose} runs at {int(expected_hz)} Hz; "

@@ -26,8 +26,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import HubertConfig
 
+from culturemert.label_grid import SAMPLE_RATE
 from culturemert.errors import CheckpointError
-from culturemert.model.mert import MERT_SAMPLE_RATE, MertPretrainModel, default_preprocessor_config
+from culturemert.model.mert import HUBERT_SAMPLE_RATE, MertPretrainModel, default_preprocessor_config
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +288,8 @@ def read_preprocessing(
 
     Rates can be declared in ``config.json`` (``sample_rate``, MERT's key), ``preprocessor_config.json``
     (``sampling_rate``) and, for exports, ``culturemert.json`` (``sample_rate``). Every declaration must agree;
-    a source that declares none is taken as 24 kHz (MERT-v1) and a note says so, as it does when culturemert
+    a source that declares none is taken at its family's standard rate (24 kHz for MERT's model types, 16 kHz for a
+    plain ``hubert`` config) and a note says so, as it does when culturemert
     writes a default preprocessor config for a source that had none.
 
     Raises:
@@ -314,8 +316,11 @@ def read_preprocessing(
     if rates:
         rate = rates[0][1]
     else:
-        rate = MERT_SAMPLE_RATE
-        notes.append(f"the source declared no sample rate; {rate} Hz (MERT-v1) assumed")
+        # a plain HuBERT (facebook/hubert-*) is a 16 kHz speech model; MERT's own model types are 24 kHz (MERT-v1)
+        model_type = str(config.get("model_type", "mert_model"))
+        rate = HUBERT_SAMPLE_RATE if model_type == "hubert" else SAMPLE_RATE
+        family = "a plain HuBERT" if model_type == "hubert" else "MERT-v1"
+        notes.append(f"the source declared no sample rate; {rate} Hz ({family}) assumed")
         log.warning("%s: no sample rate declared in config.json or preprocessor_config.json; assuming %d Hz", directory, rate)
     if pre is None:
         pre = default_preprocessor_config(rate)

@@ -27,7 +27,7 @@ from typing import Any
 from culturemert.errors import CheckpointError, UserError
 from culturemert.evaluate.encoders.base import Encoder, PeakMemory, fingerprint_of, require_package
 from culturemert.evaluate.encoders.logmel import LOGMEL_NAME, LogMelEncoder
-from culturemert.evaluate.encoders.mert import MERT_MODEL_TYPES, MertEncoder, declared_sample_rate
+from culturemert.evaluate.encoders.mert import MERT_MODEL_TYPES, MertEncoder
 
 __all__ = [
     "Encoder",
@@ -39,7 +39,6 @@ __all__ = [
     "FAMILIES",
     "build_encoder",
     "split_spec",
-    "declared_sample_rate",
     "fingerprint_of",
     "require_package",
 ]
