@@ -19,6 +19,7 @@ from culturemert.label_grid import crop_samples
 from culturemert.config import StrictModel, load_yaml, parse_config
 from culturemert.errors import ConfigError
 from culturemert.objective import ObjectiveConfig
+from culturemert.train.mert_sizes import declared_size, warn_size_mismatches
 from culturemert.train.param_groups import check_pattern
 
 log = logging.getLogger(__name__)
@@ -217,6 +218,8 @@ class Recipe(StrictModel):
         for s in self.stages:
             if s.crop_samples <= 400:
                 raise ValueError(f"stage {s.name!r}: crop_seconds {s.crop_seconds:g} is shorter than one frame")
+        size = declared_size(self)  # the base's published MERT values, e.g. a 330M base with 95M defaults
+        warn_size_mismatches(self, size, f"base {self.base.preset or self.base.source}")
         return self
 
 
