@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -345,6 +346,25 @@ def test_unfitted_teacher_is_fitted_saved_and_reused_on_resume(tmp_path):
     assert again.fit_calls == 0
     ds = PreparedDataset(tmp_path / "a")
     np.testing.assert_array_equal(ds.codes(0), saved.encode(ds.audio(0)[None].astype(np.float32) / 32768)[0])
+
+
+def test_kmeans_fit_log_states_the_audio_actually_used_not_the_budget(tmp_path, caplog):
+    # one window of at most 30 s per training file: 3 files of 4 s give 12 s, far below a 3600-s budget
+    rows = []
+    for k in range(3):
+        sf.write(tmp_path / f"f{k}.wav", music(4.0, SR, k), SR)
+        rows.append({"path": f"f{k}.wav", "culture": "x"})
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    with caplog.at_level(logging.INFO, logger="culturemert.data.prepare"):
+        prepare(manifest, tmp_path / "a", FitTeacher(), kmeans_fit_seconds=3600, progress=False)
+    fit_lines = [r.getMessage() for r in caplog.records if "fitting" in r.getMessage()]
+    assert len(fit_lines) == 1 and "12.0 s" in fit_lines[0] and "3 file(s)" in fit_lines[0], fit_lines
+    assert "up to 3600" not in fit_lines[0] and "not reached" in fit_lines[0]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="culturemert.data.prepare"):
+        prepare(manifest, tmp_path / "b", FitTeacher(), kmeans_fit_seconds=6, progress=False)
+    (line,) = [r.getMessage() for r in caplog.records if "fitting" in r.getMessage()]
+    assert "6.0 s" in line and "2 file(s)" in line and "budget 6 s reached" in line, line
 
 
 def test_collapsed_teacher_fails_loudly_and_writes_no_index(tmp_path):

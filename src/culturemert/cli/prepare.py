@@ -20,7 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--kmeans-clusters", type=int, default=128, help="k-means codebook size")
     parser.add_argument("--kmeans-codebooks", type=int, default=1, help="number of k-means codebooks")
-    parser.add_argument("--kmeans-fit-seconds", type=float, default=3600.0, help="audio sampled to fit k-means")
+    parser.add_argument(
+        "--kmeans-fit-seconds",
+        type=float,
+        default=3600.0,
+        help="most audio used to fit k-means: one window of at most 30 s per training file until this many seconds",
+    )
     parser.add_argument("--min-seconds", type=float, default=3.0, help="skip files shorter than this")
     parser.add_argument("--shard-seconds", type=float, default=1800.0, help="audio per shard (unit of resume)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes")
