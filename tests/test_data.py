@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from culturemert.data import (
 from culturemert.errors import ConfigError, DataError
 
 SR = 24000
+REPO = Path(__file__).resolve().parents[1]
 
 
 class FrameTeacher:
@@ -541,3 +543,137 @@ def test_cli_prepare_kmeans_prints_summary_and_bad_manifest_exits_2(tmp_path, ca
     (tmp_path / "broken.csv").write_text("path\nf0.wav\n")
     assert main(["prepare", str(tmp_path / "broken.csv"), "--out", str(tmp_path / "o2"), "--teacher", "kmeans"]) == 2
     assert "lacks required column(s) 'culture'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ one teacher per training set
+def _culture_manifest(root: Path, culture: str, base_freq: float) -> Path:
+    rows = []
+    for k in range(2):
+        t = np.arange(5 * SR) / SR
+        x = 0.3 * np.sin(2 * np.pi * base_freq * (k + 1) * t) + 0.02 * np.random.default_rng(k).standard_normal(t.size)
+        sf.write(root / f"{culture}{k}.wav", x.astype(np.float32), SR)
+        rows.append({"path": f"{culture}{k}.wav", "culture": culture})
+    return write_manifest(root / f"{culture}.csv", rows)
+
+
+def test_prepared_dirs_record_their_teacher_and_dirs_of_different_teachers_are_refused(tmp_path):
+    from culturemert.cli import main
+    from culturemert.data.loader import check_same_teacher
+    from culturemert.teachers import KMeansTeacher, teacher_fingerprint
+    from culturemert.train import check_recipe_paths, load_recipe
+
+    west, makam = _culture_manifest(tmp_path, "western", 220.0), _culture_manifest(tmp_path, "makam", 330.0)
+    kmeans = ["--teacher", "kmeans", "--kmeans-clusters", "8", "--workers", "0", "--no-progress"]
+    assert main(["prepare", str(west), "--out", str(tmp_path / "w"), *kmeans]) == 0
+    assert main(["prepare", str(makam), "--out", str(tmp_path / "m"), *kmeans]) == 0  # fits its own codebook
+    # the documented workflow: reuse the teacher fitted for the first directory
+    assert main(["prepare", str(makam), "--out", str(tmp_path / "m2"), *kmeans, "--teacher-model", str(tmp_path / "w")]) == 0
+
+    fitted = {d: KMeansTeacher.load(tmp_path / d / "teacher" / "kmeans.safetensors") for d in ("w", "m")}
+    for d in ("w", "m", "m2"):
+        index = json.loads((tmp_path / d / "index.json").read_text())
+        info = json.loads((tmp_path / d / "prepare.json").read_text())
+        source = fitted["m" if d == "m" else "w"]
+        assert index["teacher"]["fingerprint"] == info["teacher"]["fingerprint"] == teacher_fingerprint(source)
+    assert fitted["w"].fingerprint() != fitted["m"].fingerprint()
+    assert not (tmp_path / "m2" / "teacher").exists()  # nothing refitted
+
+    spec = MixtureSpec(sources={"makam": 1.0, "western": 1.0})
+    with pytest.raises(DataError, match=r"different teachers") as err:
+        MixtureLoader([tmp_path / "w", tmp_path / "m"], spec, batch_size=2, crop_samples=24_000)
+    message = str(err.value)
+    assert str(tmp_path / "w") in message and str(tmp_path / "m") in message and "\n" not in message
+    assert fitted["w"].fingerprint()[:12] in message and fitted["m"].fingerprint()[:12] in message
+    recipe = load_recipe(REPO / "recipes" / "tiny-test.yaml", [f"data.dirs=[{tmp_path / 'w'}, {tmp_path / 'm'}]"])
+    with pytest.raises(DataError, match="different teachers"):
+        check_recipe_paths(recipe)
+    loader = MixtureLoader([tmp_path / "w", tmp_path / "m2"], spec, batch_size=2, crop_samples=24_000)
+    assert loader.batch(0)["codes"].shape == (2, 1, 75)
+
+    # a directory prepared before fingerprints were recorded cannot be combined (it is fine alone)
+    index = json.loads((tmp_path / "m2" / "index.json").read_text())
+    del index["teacher"]["fingerprint"]
+    (tmp_path / "m2" / "index.json").write_text(json.dumps(index))
+    assert len(check_same_teacher([tmp_path / "m2"])) == 1
+    with pytest.raises(DataError, match="no teacher fingerprint"):
+        check_same_teacher([tmp_path / "w", tmp_path / "m2"])
+
+
+# ------------------------------------------------------------------------- index.json vs the files it describes
+def _edit_index(out: Path, edit) -> None:
+    index = json.loads((out / "index.json").read_text())
+    edit(index)
+    (out / "index.json").write_text(json.dumps(index))
+
+
+def _first_item_of_shard(index: dict, k: int) -> dict:
+    return next(it for it in index["items"] if it["shard"] == k)
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    np.save(path, array)
+
+
+CORRUPTIONS = {
+    "codes shorter than the index": (
+        lambda out: _save(out / "shards/codes-00000.npy", np.load(out / "shards/codes-00000.npy")[:, :-3]),
+        "codes-00000.npy: int16 (2,",
+    ),
+    "audio stored as float32": (
+        lambda out: _save(out / "shards/audio-00000.npy", np.load(out / "shards/audio-00000.npy").astype(np.float32)),
+        "audio-00000.npy: float32",
+    ),
+    "truncated audio file": (
+        lambda out: (out / "shards/audio-00001.npy").write_bytes((out / "shards/audio-00001.npy").read_bytes()[:-1000]),
+        "truncated",
+    ),
+    "missing codes file": (lambda out: (out / "shards/codes-00001.npy").unlink(), "codes-00001.npy: missing"),
+    "extra shard file": (
+        lambda out: shutil.copy(out / "shards/audio-00000.npy", out / "shards/audio-00099.npy"),
+        "shards/ holds shards/audio-00099.npy, which index.json does not list",
+    ),
+    "item n_frames is not ceil(length / 320)": (
+        lambda out: _edit_index(out, lambda ix: _first_item_of_shard(ix, 0).update(n_frames=_first_item_of_shard(ix, 0)["n_frames"] - 1)),
+        "n_frames is not ceil(length / 320)",
+    ),
+    "item beyond its shard": (
+        lambda out: _edit_index(out, lambda ix: _first_item_of_shard(ix, 0).update(offset=10**9)),
+        "audio outside its shard",
+    ),
+    "shard size in the index differs from its items": (
+        lambda out: _edit_index(out, lambda ix: ix["shards"][0].update(n_samples=ix["shards"][0]["n_samples"] + 320)),
+        "shard 0 lists",
+    ),
+    "items overlap": (
+        lambda out: _edit_index(out, lambda ix: [it.update(offset=0, frame_offset=0) for it in ix["items"] if it["shard"] == 0]),
+        "shard 0",
+    ),
+    "shard path outside the directory": (
+        lambda out: _edit_index(out, lambda ix: ix["shards"][0].update(audio="../elsewhere/audio-00000.npy")),
+        "is not inside",
+    ),
+    "index without items": (lambda out: _edit_index(out, lambda ix: ix.pop("items")), "malformed"),
+    "index not JSON": (lambda out: (out / "index.json").write_text("{not json"), "unreadable"),
+    "another sample rate": (lambda out: _edit_index(out, lambda ix: ix.update(sample_rate=16000)), "sample_rate 16000"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_prepared_reader_refuses_an_index_that_disagrees_with_its_files(prepared, tmp_path, case):
+    root, _, _ = prepared
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    assert len(PreparedDataset(out)) > 0
+    corrupt, message = CORRUPTIONS[case]
+    corrupt(out)
+    with pytest.raises(DataError) as err:
+        PreparedDataset(out)  # refused when opened, before any batch is drawn
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_prepared_reader_ignores_leftover_temp_files(prepared, tmp_path):
+    root, _, _ = prepared
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    (out / "shards" / ".codes-00000.npy.abc.tmp").write_bytes(b"partial")
+    assert len(PreparedDataset(out)) == len(PreparedDataset(root / "out"))

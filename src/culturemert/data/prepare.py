@@ -36,7 +36,7 @@ from culturemert.files import atomic_write, fsync_dir as _fsync_dir, json_text, 
 from culturemert.config import StrictModel, parse_config
 from culturemert.errors import ConfigError, DataError
 from culturemert.data.manifest import ManifestRow, read_manifest
-from culturemert.teachers.base import Teacher, check_codebook_usage
+from culturemert.teachers.base import Teacher, check_codebook_usage, teacher_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -635,7 +635,9 @@ def _index_phase(run: _PrepareRun, teacher: Teacher) -> PrepareSummary:
             state = {**state, "path": Path(state["path"]).resolve().relative_to(out.resolve()).as_posix()}
         except ValueError:
             pass
-    teacher_info = {**_teacher_spec(teacher), "state": state}
+    # which teacher made the codes; the loader refuses to mix directories whose fingerprints differ
+    identity = {**_teacher_spec(teacher), "fingerprint": teacher_fingerprint(teacher)}
+    teacher_info = {**identity, "state": state}
     write_json_atomic(
         out / "prepare.json",
         {
@@ -666,7 +668,7 @@ def _index_phase(run: _PrepareRun, teacher: Teacher) -> PrepareSummary:
             "sample_rate": SAMPLE_RATE,
             "hop": HOP_LENGTH,
             "int16_scale": INT16_SCALE,
-            "teacher": _teacher_spec(teacher),
+            "teacher": identity,
             "shards": shard_table,
             "items": index_items,
         },

@@ -274,6 +274,10 @@ def check_recipe_paths(recipe: Recipe) -> None:
     for i, d in enumerate(recipe.data.dirs):
         if not (Path(d) / "index.json").is_file():
             raise ConfigError(f"data.dirs.{i}: {d} is not a prepared directory (no index.json); run `culturemert prepare`")
+    if len(recipe.data.dirs) > 1:  # codes of two teachers mean different sounds: refuse before any compute
+        from culturemert.data.loader import check_same_teacher
+
+        check_same_teacher(recipe.data.dirs)
     src = recipe.base.source
     if src is not None and (src.startswith((".", "/", "~")) or Path(src).suffix in (".pt", ".ckpt")):
         if not Path(src).expanduser().exists():
