@@ -677,3 +677,16 @@ def test_prepared_reader_ignores_leftover_temp_files(prepared, tmp_path):
     shutil.copytree(root / "out", out)
     (out / "shards" / ".codes-00000.npy.abc.tmp").write_bytes(b"partial")
     assert len(PreparedDataset(out)) == len(PreparedDataset(root / "out"))
+
+
+def test_a_saved_kmeans_teacher_with_other_settings_is_refused_not_reused(tmp_path):
+    from culturemert.teachers import build_teacher
+
+    manifest = _culture_manifest(tmp_path, "x", 220.0)
+    prepare(manifest, tmp_path / "out", build_teacher("kmeans", n_clusters=8, n_mels=16), progress=False)
+    (tmp_path / "out" / "plan.json").unlink()  # the only guard that would have caught a changed setting
+    with pytest.raises(DataError, match=r"fitted with other settings: codebook_size 8 \(asked 16\)"):
+        prepare(manifest, tmp_path / "out", build_teacher("kmeans", n_clusters=16, n_mels=16), progress=False)
+    (tmp_path / "out" / "plan.json").unlink()  # the refused run planned with its own settings
+    summary = prepare(manifest, tmp_path / "out", build_teacher("kmeans", n_clusters=8, n_mels=16), progress=False)
+    assert summary.n_items == 2 and PreparedDataset(tmp_path / "out").codebook_size == 8  # same settings: reused

@@ -547,9 +547,20 @@ def _fit_phase(run: _PrepareRun, teacher: Teacher) -> Teacher:
         _fsync_dir(out)
     load_options = {k: getattr(teacher, k) for k in ("device", "batch_size") if hasattr(teacher, k)}
     try:
-        return type(teacher).load(model_path, **load_options)
+        saved = type(teacher).load(model_path, **load_options)
     except TypeError:
-        return type(teacher).load(model_path)
+        saved = type(teacher).load(model_path)
+    # a teacher left by an earlier run (e.g. plan.json deleted since) must be the one this run asks for
+    asked, found = _teacher_spec(teacher), _teacher_spec(saved)
+    asked_state, found_state = _teacher_state(teacher), _teacher_state(saved)
+    if isinstance(asked_state, dict) and isinstance(found_state, dict):
+        asked["features"], found["features"] = asked_state.get("features"), found_state.get("features")
+    if asked != found:
+        differ = ", ".join(f"{k} {found[k]!r} (asked {asked[k]!r})" for k in asked if asked[k] != found.get(k))
+        raise DataError(
+            f"{model_path} was fitted with other settings: {differ}; delete {teacher_dir} or use another --out"
+        )
+    return saved
 
 
 def _codes_phase(run: _PrepareRun, teacher: Teacher) -> None:
