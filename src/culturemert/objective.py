@@ -11,15 +11,15 @@ Order of operations for one batch:
    group (concatenated, so an excerpt may straddle two clips) at volume 1.0.
 3. Span masking of conv frames (:func:`compute_mask_indices`, fairseq's algorithm with MERT's settings); the
    backbone replaces masked frames by the learned mask embedding after the feature projection.
+4. On masked frames only: per-codebook cosine-similarity logits / ``logit_temp`` against that codebook's label
+   embeddings (special symbols included, never targets), cross-entropy summed over codebooks and averaged
+   over masked frames; CQT MSE of ``cqt_proj(last layer)`` against the clean CQT; plus the conv feature
+   penalty. Conv-encoder gradients are scaled by ``feature_grad_mult``.
 
 MERT runs steps 2-3 inside each GPU's forward pass, so the noise pool and fairseq's equalisation of the masked
 count (``require_same_masks``) span one per-GPU batch, not the global batch. :meth:`MertObjective.plan` cuts the
 global batch into consecutive groups of ``mask_group_clips`` clips (the last one may be smaller) and treats each
 group like one such per-GPU batch, whatever the world size or micro-batch of this run.
-4. On masked frames only: per-codebook cosine-similarity logits / ``logit_temp`` against that codebook's label
-   embeddings (special symbols included, never targets), cross-entropy summed over codebooks and averaged
-   over masked frames; CQT MSE of ``cqt_proj(last layer)`` against the clean CQT; plus the conv feature
-   penalty. Conv-encoder gradients are scaled by ``feature_grad_mult``.
 
 Frame alignment: conv frame ``k`` covers samples ``[320k, 320k + 400)`` (centre ``320k + 200``); teacher code
 ``k`` covers ``[320k, 320k + 320)``; CQT frame ``k`` is centred on sample ``320k`` (nnAudio ``center=True``).

@@ -270,7 +270,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def check_recipe_paths(recipe: Recipe) -> None:
-    """Fail before any compute when a named path is missing."""
+    """Fail before any compute when a named path is missing or the data directories were tokenised by different
+    teachers (:class:`ConfigError` / :class:`DataError`)."""
     for i, d in enumerate(recipe.data.dirs):
         if not (Path(d) / "index.json").is_file():
             raise ConfigError(f"data.dirs.{i}: {d} is not a prepared directory (no index.json); run `culturemert prepare`")
