@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,6 +32,7 @@ from culturemert.data import (
 from culturemert.errors import ConfigError, DataError
 
 SR = 24000
+REPO = Path(__file__).resolve().parents[1]
 
 
 class FrameTeacher:
@@ -347,6 +350,25 @@ def test_unfitted_teacher_is_fitted_saved_and_reused_on_resume(tmp_path):
     np.testing.assert_array_equal(ds.codes(0), saved.encode(ds.audio(0)[None].astype(np.float32) / 32768)[0])
 
 
+def test_kmeans_fit_log_states_the_audio_actually_used_not_the_budget(tmp_path, caplog):
+    # one window of at most 30 s per training file: 3 files of 4 s give 12 s, far below a 3600-s budget
+    rows = []
+    for k in range(3):
+        sf.write(tmp_path / f"f{k}.wav", music(4.0, SR, k), SR)
+        rows.append({"path": f"f{k}.wav", "culture": "x"})
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    with caplog.at_level(logging.INFO, logger="culturemert.data.prepare"):
+        prepare(manifest, tmp_path / "a", FitTeacher(), kmeans_fit_seconds=3600, progress=False)
+    fit_lines = [r.getMessage() for r in caplog.records if "fitting" in r.getMessage()]
+    assert len(fit_lines) == 1 and "12.0 s" in fit_lines[0] and "3 file(s)" in fit_lines[0], fit_lines
+    assert "up to 3600" not in fit_lines[0] and "not reached" in fit_lines[0]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="culturemert.data.prepare"):
+        prepare(manifest, tmp_path / "b", FitTeacher(), kmeans_fit_seconds=6, progress=False)
+    (line,) = [r.getMessage() for r in caplog.records if "fitting" in r.getMessage()]
+    assert "6.0 s" in line and "2 file(s)" in line and "budget 6 s reached" in line, line
+
+
 def test_collapsed_teacher_fails_loudly_and_writes_no_index(tmp_path):
     sf.write(tmp_path / "a.wav", music(15.0), SR)  # 1125 frames: above the guard's minimum
     manifest = write_manifest(tmp_path / "m.csv", [{"path": "a.wav", "culture": "x"}])
@@ -521,3 +543,150 @@ def test_cli_prepare_kmeans_prints_summary_and_bad_manifest_exits_2(tmp_path, ca
     (tmp_path / "broken.csv").write_text("path\nf0.wav\n")
     assert main(["prepare", str(tmp_path / "broken.csv"), "--out", str(tmp_path / "o2"), "--teacher", "kmeans"]) == 2
     assert "lacks required column(s) 'culture'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ one teacher per training set
+def _culture_manifest(root: Path, culture: str, base_freq: float) -> Path:
+    rows = []
+    for k in range(2):
+        t = np.arange(5 * SR) / SR
+        x = 0.3 * np.sin(2 * np.pi * base_freq * (k + 1) * t) + 0.02 * np.random.default_rng(k).standard_normal(t.size)
+        sf.write(root / f"{culture}{k}.wav", x.astype(np.float32), SR)
+        rows.append({"path": f"{culture}{k}.wav", "culture": culture})
+    return write_manifest(root / f"{culture}.csv", rows)
+
+
+def test_prepared_dirs_record_their_teacher_and_dirs_of_different_teachers_are_refused(tmp_path):
+    from culturemert.cli import main
+    from culturemert.data.loader import check_same_teacher
+    from culturemert.teachers import KMeansTeacher, teacher_fingerprint
+    from culturemert.train import check_recipe_paths, load_recipe
+
+    west, makam = _culture_manifest(tmp_path, "western", 220.0), _culture_manifest(tmp_path, "makam", 330.0)
+    kmeans = ["--teacher", "kmeans", "--kmeans-clusters", "8", "--workers", "0", "--no-progress"]
+    assert main(["prepare", str(west), "--out", str(tmp_path / "w"), *kmeans]) == 0
+    assert main(["prepare", str(makam), "--out", str(tmp_path / "m"), *kmeans]) == 0  # fits its own codebook
+    # the documented workflow: reuse the teacher fitted for the first directory
+    assert main(["prepare", str(makam), "--out", str(tmp_path / "m2"), *kmeans, "--teacher-model", str(tmp_path / "w")]) == 0
+
+    fitted = {d: KMeansTeacher.load(tmp_path / d / "teacher" / "kmeans.safetensors") for d in ("w", "m")}
+    for d in ("w", "m", "m2"):
+        index = json.loads((tmp_path / d / "index.json").read_text())
+        info = json.loads((tmp_path / d / "prepare.json").read_text())
+        source = fitted["m" if d == "m" else "w"]
+        assert index["teacher"]["fingerprint"] == info["teacher"]["fingerprint"] == teacher_fingerprint(source)
+    assert fitted["w"].fingerprint() != fitted["m"].fingerprint()
+    assert not (tmp_path / "m2" / "teacher").exists()  # nothing refitted
+
+    spec = MixtureSpec(sources={"makam": 1.0, "western": 1.0})
+    with pytest.raises(DataError, match=r"different teachers") as err:
+        MixtureLoader([tmp_path / "w", tmp_path / "m"], spec, batch_size=2, crop_samples=24_000)
+    message = str(err.value)
+    assert str(tmp_path / "w") in message and str(tmp_path / "m") in message and "\n" not in message
+    assert fitted["w"].fingerprint()[:12] in message and fitted["m"].fingerprint()[:12] in message
+    recipe = load_recipe(REPO / "recipes" / "tiny-test.yaml", [f"data.dirs=[{tmp_path / 'w'}, {tmp_path / 'm'}]"])
+    with pytest.raises(DataError, match="different teachers"):
+        check_recipe_paths(recipe)
+    loader = MixtureLoader([tmp_path / "w", tmp_path / "m2"], spec, batch_size=2, crop_samples=24_000)
+    assert loader.batch(0)["codes"].shape == (2, 1, 75)
+
+    # a directory prepared before fingerprints were recorded cannot be combined (it is fine alone)
+    index = json.loads((tmp_path / "m2" / "index.json").read_text())
+    del index["teacher"]["fingerprint"]
+    (tmp_path / "m2" / "index.json").write_text(json.dumps(index))
+    assert len(check_same_teacher([tmp_path / "m2"])) == 1
+    with pytest.raises(DataError, match="no teacher fingerprint"):
+        check_same_teacher([tmp_path / "w", tmp_path / "m2"])
+
+
+# ------------------------------------------------------------------------- index.json vs the files it describes
+def _edit_index(out: Path, edit) -> None:
+    index = json.loads((out / "index.json").read_text())
+    edit(index)
+    (out / "index.json").write_text(json.dumps(index))
+
+
+def _first_item_of_shard(index: dict, k: int) -> dict:
+    return next(it for it in index["items"] if it["shard"] == k)
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    np.save(path, array)
+
+
+CORRUPTIONS = {
+    "codes shorter than the index": (
+        lambda out: _save(out / "shards/codes-00000.npy", np.load(out / "shards/codes-00000.npy")[:, :-3]),
+        "codes-00000.npy: int16 (2,",
+    ),
+    "audio stored as float32": (
+        lambda out: _save(out / "shards/audio-00000.npy", np.load(out / "shards/audio-00000.npy").astype(np.float32)),
+        "audio-00000.npy: float32",
+    ),
+    "truncated audio file": (
+        lambda out: (out / "shards/audio-00001.npy").write_bytes((out / "shards/audio-00001.npy").read_bytes()[:-1000]),
+        "truncated",
+    ),
+    "missing codes file": (lambda out: (out / "shards/codes-00001.npy").unlink(), "codes-00001.npy: missing"),
+    "extra shard file": (
+        lambda out: shutil.copy(out / "shards/audio-00000.npy", out / "shards/audio-00099.npy"),
+        "shards/ holds shards/audio-00099.npy, which index.json does not list",
+    ),
+    "item n_frames is not ceil(length / 320)": (
+        lambda out: _edit_index(out, lambda ix: _first_item_of_shard(ix, 0).update(n_frames=_first_item_of_shard(ix, 0)["n_frames"] - 1)),
+        "n_frames is not ceil(length / 320)",
+    ),
+    "item beyond its shard": (
+        lambda out: _edit_index(out, lambda ix: _first_item_of_shard(ix, 0).update(offset=10**9)),
+        "audio outside its shard",
+    ),
+    "shard size in the index differs from its items": (
+        lambda out: _edit_index(out, lambda ix: ix["shards"][0].update(n_samples=ix["shards"][0]["n_samples"] + 320)),
+        "shard 0 lists",
+    ),
+    "items overlap": (
+        lambda out: _edit_index(out, lambda ix: [it.update(offset=0, frame_offset=0) for it in ix["items"] if it["shard"] == 0]),
+        "shard 0",
+    ),
+    "shard path outside the directory": (
+        lambda out: _edit_index(out, lambda ix: ix["shards"][0].update(audio="../elsewhere/audio-00000.npy")),
+        "is not inside",
+    ),
+    "index without items": (lambda out: _edit_index(out, lambda ix: ix.pop("items")), "malformed"),
+    "index not JSON": (lambda out: (out / "index.json").write_text("{not json"), "unreadable"),
+    "another sample rate": (lambda out: _edit_index(out, lambda ix: ix.update(sample_rate=16000)), "sample_rate 16000"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_prepared_reader_refuses_an_index_that_disagrees_with_its_files(prepared, tmp_path, case):
+    root, _, _ = prepared
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    assert len(PreparedDataset(out)) > 0
+    corrupt, message = CORRUPTIONS[case]
+    corrupt(out)
+    with pytest.raises(DataError) as err:
+        PreparedDataset(out)  # refused when opened, before any batch is drawn
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_prepared_reader_ignores_leftover_temp_files(prepared, tmp_path):
+    root, _, _ = prepared
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    (out / "shards" / ".codes-00000.npy.abc.tmp").write_bytes(b"partial")
+    assert len(PreparedDataset(out)) == len(PreparedDataset(root / "out"))
+
+
+def test_a_saved_kmeans_teacher_with_other_settings_is_refused_not_reused(tmp_path):
+    from culturemert.teachers import build_teacher
+
+    manifest = _culture_manifest(tmp_path, "x", 220.0)
+    prepare(manifest, tmp_path / "out", build_teacher("kmeans", n_clusters=8, n_mels=16), progress=False)
+    (tmp_path / "out" / "plan.json").unlink()  # the only guard that would have caught a changed setting
+    with pytest.raises(DataError, match=r"fitted with other settings: codebook_size 8 \(asked 16\)"):
+        prepare(manifest, tmp_path / "out", build_teacher("kmeans", n_clusters=16, n_mels=16), progress=False)
+    (tmp_path / "out" / "plan.json").unlink()  # the refused run planned with its own settings
+    summary = prepare(manifest, tmp_path / "out", build_teacher("kmeans", n_clusters=8, n_mels=16), progress=False)
+    assert summary.n_items == 2 and PreparedDataset(tmp_path / "out").codebook_size == 8  # same settings: reused

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -77,21 +78,98 @@ def test_mask_is_deterministic_per_generator_seed():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def _fairseq_row_count(rng: np.random.Generator, frames: int, mask_prob=0.8, span=5, min_masks=2) -> int:
+    """Masked frames of one row before equalisation, by fairseq's ``compute_mask_indices`` (static spans, overlap
+    allowed, num_mask = max(min_masks, int(p * T / span + U)), starts without replacement from [0, T - span))."""
+    num = max(min_masks, int(mask_prob * frames / span + rng.random()))
+    length = span if frames - span > num else frames - num - 1
+    starts = rng.choice(frames - length, num, replace=False)
+    idx = np.unique((starts[:, None] + np.arange(span)[None, :]).ravel())
+    return int((idx < frames).sum())
+
+
+def _fairseq_group_fraction(group: int, frames: int, n_groups: int) -> float:
+    """E[masked fraction] of a batch of ``group`` rows under require_same_masks: every row is cut to the
+    group's smallest count, so the fraction is E[min of ``group`` row counts] / T (Monte Carlo, numpy)."""
+    rng = np.random.default_rng(0)
+    mins = [min(_fairseq_row_count(rng, frames) for _ in range(group)) for _ in range(n_groups)]
+    return float(np.mean(mins)) / frames
+
+
+def test_mask_equalisation_is_per_group_of_mask_group_clips_like_mert_per_gpu():
+    frames, batch = 374, 64
+    by_group = {}
+    for group in (16, 64):
+        obj = MertObjective(ObjectiveConfig(mask_group_clips=group, mixture_prob=-1, cqt_weight=0))
+        fractions, steps_with_unequal_groups = [], 0
+        for step in range(20):
+            _, mask, _ = obj.plan(torch.zeros(batch, 8), frames, frames, torch.Generator().manual_seed(step))
+            counts = mask.sum(1).view(batch // group, group)
+            assert torch.all(counts == counts[:, :1]), "rows of one group must have the same masked count"
+            fractions += (counts[:, 0].float() / frames).tolist()
+            steps_with_unequal_groups += len(set(counts[:, 0].tolist())) > 1
+        by_group[group] = float(np.mean(fractions))
+        if group == 16:
+            assert steps_with_unequal_groups > 10  # each group is equalised on its own, not to the batch minimum
+    ref16 = _fairseq_group_fraction(16, frames, 1000)
+    ref64 = _fairseq_group_fraction(64, frames, 300)
+    assert ref16 - ref64 > 0.01  # the scope matters: ~54 % per 16-clip GPU batch vs ~52.5 % over 64 clips
+    assert by_group[16] == pytest.approx(ref16, abs=0.004), (by_group, ref16)
+    assert by_group[64] == pytest.approx(ref64, abs=0.004), (by_group, ref64)
+    assert 0.53 < ref16 < 0.55
+
+
+def test_group_masks_are_fixed_slices_of_the_global_batch_whatever_the_world_size():
+    frames, batch, group = 120, 24, 7  # a ragged last group of 3 clips, like 64 clips in groups of 7
+    obj = MertObjective(ObjectiveConfig(mask_group_clips=group, mixture_prob=-1, cqt_weight=0))
+    _, mask, _ = obj.plan(torch.zeros(batch, 8), frames, frames, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    expected = torch.cat([compute_mask_indices((min(group, batch - s), frames), generator=g) for s in range(0, batch, group)])
+    assert torch.equal(mask, expected)
+    counts = mask.sum(1)
+    for start in range(0, batch, group):
+        assert len(set(counts[start : start + group].tolist())) == 1
+    # the trainer plans once on the global batch and gives rank r rows [r B/W, (r+1) B/W): any world size
+    # reassembles the same masks, and a group that straddles two ranks keeps its common count
+    for world in (1, 2, 3, 4, 6, 8):
+        per_rank = batch // world
+        assert torch.equal(torch.cat([mask[r * per_rank : (r + 1) * per_rank] for r in range(world)]), mask)
+    with pytest.raises(ConfigError, match="mask_group_clips"):
+        parse_config({"mask_group_clips": 0}, ObjectiveConfig)
+
+
 # ---------------------------------------------------------------------------------------------- mixture
 def test_noise_mixture_probability_is_inverted_like_mert():
     wav = torch.randn(4, 500)
     never, applied = apply_inbatch_noise(wav, 1.0, (10, 20), (1, 3), generator=torch.Generator().manual_seed(0))
     assert torch.equal(never, wav) and not applied.any()
-    always, applied = apply_inbatch_noise(wav, 0.0, (10, 20), (1, 3), generator=torch.Generator().manual_seed(0))
+    always, applied = apply_inbatch_noise(wav, 1e-9, (10, 20), (1, 3), generator=torch.Generator().manual_seed(0))
     assert applied.all() and not torch.equal(always, wav)
-    single, applied = apply_inbatch_noise(wav[:1], 0.0, (10, 20), generator=torch.Generator().manual_seed(0))
+    single, applied = apply_inbatch_noise(wav[:1], 1e-9, (10, 20), generator=torch.Generator().manual_seed(0))
     assert torch.equal(single, wav[:1]) and not applied.any()
+
+
+def test_mixture_prob_zero_or_negative_switches_the_mixture_off_like_mert():
+    # MERT: `if self.mixture_prob > 0:` gates the augmentation; inside, a clip is mixed when rand > mixture_prob.
+    # A MERT config ported verbatim with mixture_prob 0 (or MERT's default -1) must therefore never mix.
+    wav = torch.randn(8, 3000)
+    for p in (0.0, -1.0):
+        out, applied = apply_inbatch_noise(wav, p, (10, 20), (1, 3), generator=torch.Generator().manual_seed(0))
+        assert torch.equal(out, wav) and not applied.any()
+        obj = MertObjective(parse_config({"mixture_prob": p, "cqt_weight": 0}, ObjectiveConfig))
+        wav_in, _, mixed = obj.plan(wav, 9, 10, torch.Generator().manual_seed(0), train=True)
+        assert torch.equal(wav_in, wav) and not mixed.any(), p
+    # p > 0: each clip is mixed independently with probability 1 - p (Bernoulli, 4096 clips: sd 0.0068)
+    for p, expected in ((0.25, 0.75), (0.5, 0.5), (0.9, 0.1)):
+        obj = MertObjective(ObjectiveConfig(mixture_prob=p, cqt_weight=0, mixture_length_range=(10, 20)))
+        _, _, mixed = obj.plan(torch.randn(4096, 100), 0, 0, torch.Generator().manual_seed(1), train=True)
+        assert abs(mixed.float().mean().item() - expected) < 0.03, (p, mixed.float().mean().item())
 
 
 def test_noise_mixture_adds_one_excerpt_of_the_other_clips():
     g = torch.Generator().manual_seed(3)
     wav = torch.randn(3, 100, dtype=torch.float64)
-    mixed, applied = apply_inbatch_noise(wav, 0.0, (10, 20), (1, 1), volume=0.5, generator=g)
+    mixed, applied = apply_inbatch_noise(wav, 1e-9, (10, 20), (1, 1), volume=0.5, generator=g)
     assert applied.all()
     for i in range(3):
         diff = mixed[i] - wav[i]
@@ -230,7 +308,7 @@ def test_cqt_mse_and_codes_only_count_masked_frames():
 def test_cqt_targets_come_from_the_clean_audio_and_eval_never_mixes():
     model, wav, codes = _tiny_setup(seed=2)
     cqt = RecordingCQT()
-    obj = MertObjective(ObjectiveConfig(mixture_prob=0.0, mixture_length_range=(500, 1000)), cqt)
+    obj = MertObjective(ObjectiveConfig(mixture_prob=1e-9, mixture_length_range=(500, 1000)), cqt)
     out = obj.loss(model, wav, codes, torch.Generator().manual_seed(0), train=True)
     assert torch.equal(cqt.seen[-1], wav)  # clean, although every sample was mixed
     wav_in, _, mixed = obj.plan(wav, model.num_frames(wav.shape[1]), codes.shape[2], torch.Generator().manual_seed(0))

@@ -18,6 +18,7 @@ from culturemert.teachers import (
     Teacher,
     build_teacher,
     check_codebook_usage,
+    teacher_fingerprint,
 )
 
 SR = 24000
@@ -368,3 +369,97 @@ def test_kmeans_errors():
     assert build_teacher("kmeans", n_clusters=5).codebook_size == 5
     with pytest.raises(ConfigError, match="codebook_size"):
         KMeansTeacher(codebook_size=40_000)
+
+
+# --------------------------------------------------------------------------------------------- teacher identity
+def test_kmeans_fingerprint_identifies_the_fitted_codebooks_not_the_file(tmp_path, fitted_kmeans):
+    fp = fitted_kmeans.fingerprint()
+    assert len(fp) == 64 and teacher_fingerprint(fitted_kmeans) == fp
+    a = KMeansTeacher.load(fitted_kmeans.save(tmp_path / "a" / "kmeans.safetensors"))
+    b = KMeansTeacher.load(fitted_kmeans.save(tmp_path / "b.npz"))
+    b.seed, b.n_frames_fitted = 99, 1  # bookkeeping that does not change a code
+    assert a.fingerprint() == b.fingerprint() == fp
+    for attr in ("centroids", "mean", "std"):
+        changed = KMeansTeacher.load(tmp_path / "b.npz")
+        value = getattr(changed, attr).copy()
+        value.flat[0] = np.nextafter(value.flat[0], np.float32(np.inf))  # one ulp
+        setattr(changed, attr, value)
+        assert changed.fingerprint() != fp, attr
+    other_audio = [harmonic_tone(f * 1.5, SR, seed=i) for i, f in enumerate(PITCHES)]
+    refit = KMeansTeacher(n_codebooks=2, codebook_size=8, n_mels=32, seed=3).fit(iter(other_audio), n_frames_max=200)
+    assert refit.fingerprint() != fp  # same settings, other corpus: code k means another sound
+    with pytest.raises(UserError, match="not fitted"):
+        KMeansTeacher().fingerprint()
+
+
+def test_encodec_fingerprint_follows_weights_and_bandwidth_not_location(tmp_path, encodec_teacher):
+    encodec_teacher.model.save_pretrained(tmp_path / "one")
+    encodec_teacher.model.save_pretrained(tmp_path / "two")
+    one = build_teacher("encodec", model=str(tmp_path / "one"), bandwidth=6.0)
+    two = build_teacher("encodec", model=str(tmp_path / "two"), bandwidth=6.0)
+    assert one.state()["model"] != two.state()["model"]
+    assert one.fingerprint() == two.fingerprint() == teacher_fingerprint(encodec_teacher)
+    assert build_teacher("encodec", model=str(tmp_path / "one"), bandwidth=1.5).fingerprint() != one.fingerprint()
+    assert EncodecTeacher(tiny_encodec(seed=5), bandwidth=6.0).fingerprint() != one.fingerprint()
+
+
+def test_teacher_fingerprint_of_other_teachers_hashes_their_state():
+    class Plain:
+        name = "plain"
+
+        def __init__(self, state):
+            self._state = state
+
+        def state(self):
+            return self._state
+
+    assert teacher_fingerprint(Plain({"a": 1, "b": [2]})) == teacher_fingerprint(Plain({"b": [2], "a": 1}))
+    assert teacher_fingerprint(Plain({"a": 1})) != teacher_fingerprint(Plain({"a": 2}))
+
+
+# --------------------------------------------------------------------------------------------- teacher file audit
+def _resave(path, tmp_path, name, meta_edit=None, arrays_edit=None):
+    """Rewrite a saved .npz teacher with edited metadata / arrays (what a foreign or hand-edited file looks like)."""
+    with np.load(path, allow_pickle=False) as archive:
+        meta = json.loads(str(archive["meta_json"][()]))
+        arrays = {k: archive[k] for k in archive.files if k != "meta_json"}
+    if meta_edit:
+        meta_edit(meta)
+    if arrays_edit:
+        arrays_edit(arrays)
+    target = tmp_path / name
+    np.savez(target, meta_json=np.array(json.dumps(meta)), **arrays)
+    return target
+
+
+@pytest.mark.parametrize(
+    "case, meta_edit, arrays_edit, message",
+    [
+        ("extra array", None, lambda a: a.update(centroids_v2=a["centroids"] * 2), "not described by its metadata"),
+        ("missing mean", None, lambda a: a.pop("mean"), "missing ['mean']"),
+        ("no seed", lambda m: m.pop("seed"), None, "metadata incomplete"),
+        ("16 kHz", lambda m: m.update(sample_rate=16000), None, "16000 Hz"),
+        ("other features", lambda m: m["features"].update(kind="mfcc"), None, "'mfcc'"),
+        ("NaN centroid", None, lambda a: a["centroids"].__setitem__((0, 0, 0), np.nan), "NaN/inf"),
+        ("zero std", None, lambda a: a["std"].__setitem__(0, 0.0), "std <= 0"),
+        ("bad size", lambda m: m.update(codebook_size=1), None, "codebook_size"),
+        ("shape vs meta", lambda m: m.update(codebook_size=9), None, "do not match its metadata"),
+    ],
+)
+def test_kmeans_load_refuses_a_file_whose_metadata_and_arrays_disagree(
+    tmp_path, fitted_kmeans, case, meta_edit, arrays_edit, message
+):
+    saved = fitted_kmeans.save(tmp_path / "ok.npz")
+    bad = _resave(saved, tmp_path, "bad.npz", meta_edit, arrays_edit)
+    with pytest.raises(CheckpointError) as err:
+        KMeansTeacher.load(bad)
+    assert message in str(err.value) and str(bad) in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_kmeans_load_of_a_directory_takes_its_one_teacher_file_or_refuses(tmp_path, fitted_kmeans):
+    prepared_style = tmp_path / "teacher"
+    fitted_kmeans.save(prepared_style / "kmeans.safetensors")  # the name `prepare` writes
+    assert KMeansTeacher.load(prepared_style).fingerprint() == fitted_kmeans.fingerprint()
+    fitted_kmeans.save(prepared_style / "kmeans_teacher.npz")
+    with pytest.raises(CheckpointError, match="holds both"):
+        KMeansTeacher.load(prepared_style)

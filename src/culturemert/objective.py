@@ -1,17 +1,25 @@
-"""MERT's pre-training objective (``mert-marble.md`` §C), piece by piece.
+"""MERT's pre-training objective (MERT's ``mert_fairseq/models/mert/mert_model.py`` and fairseq's HuBERT
+criterion; docs/pretraining.md), piece by piece.
 
-Order of operations for one batch (§C.0):
+Order of operations for one batch:
 
 1. CQT targets are computed from the **clean** audio (before any mixing), in fp32, without gradients.
-2. In-batch noise mixture (training only): a sample is augmented when a uniform draw is *greater* than
-   ``mixture_prob`` (MERT's inverted test), by adding 1-3 excerpts of 12 000-24 000 samples taken from the
-   other clips of the batch (concatenated, so an excerpt may straddle two clips) at volume 1.0.
+2. In-batch noise mixture (training only, and only when ``mixture_prob > 0``: MERT gates the whole
+   augmentation on that test, its default -1 means "off"): a clip is augmented when a uniform draw is
+   *greater* than ``mixture_prob`` (MERT's inverted test, so a clip is mixed with probability
+   ``1 - mixture_prob``), by adding 1-3 excerpts of 12 000-24 000 samples taken from the other clips of its
+   group (concatenated, so an excerpt may straddle two clips) at volume 1.0.
 3. Span masking of conv frames (:func:`compute_mask_indices`, fairseq's algorithm with MERT's settings); the
    backbone replaces masked frames by the learned mask embedding after the feature projection.
 4. On masked frames only: per-codebook cosine-similarity logits / ``logit_temp`` against that codebook's label
    embeddings (special symbols included, never targets), cross-entropy summed over codebooks and averaged
    over masked frames; CQT MSE of ``cqt_proj(last layer)`` against the clean CQT; plus the conv feature
    penalty. Conv-encoder gradients are scaled by ``feature_grad_mult``.
+
+MERT runs steps 2-3 inside each GPU's forward pass, so the noise pool and fairseq's equalisation of the masked
+count (``require_same_masks``) span one per-GPU batch, not the global batch. :meth:`MertObjective.plan` cuts the
+global batch into consecutive groups of ``mask_group_clips`` clips (the last one may be smaller) and treats each
+group like one such per-GPU batch, whatever the world size or micro-batch of this run.
 
 Frame alignment: conv frame ``k`` covers samples ``[320k, 320k + 400)`` (centre ``320k + 200``); teacher code
 ``k`` covers ``[320k, 320k + 320)``; CQT frame ``k`` is centred on sample ``320k`` (nnAudio ``center=True``).
@@ -47,18 +55,26 @@ __all__ = [
 
 
 class ObjectiveConfig(StrictModel):
-    """Every knob of the objective; defaults are MERT-v1-95M's (fairseq yaml, ``mert-marble.md`` §C)."""
+    """Every knob of the objective; defaults are MERT-v1-95M's (``MERT_RVQ-VAE_CQT_95M.yaml``).
+
+    ``mask_group_clips``: clips per equalisation / noise-pool group, MERT's per-GPU forward batch. The 95M yaml's
+    ``max_tokens`` 2 000 000 over 120 000-sample crops gives 16 clips (fairseq keeps batches a multiple of its
+    ``required_batch_size_multiple`` 8); the 330M yaml's 900 000 over 122 880 gives 7.
+    ``mixture_prob``: <= 0 switches the in-batch noise mixture off (MERT: ``if mixture_prob > 0``); otherwise a
+    clip is mixed when ``U[0, 1) > mixture_prob``.
+    """
 
     mask_prob: float = Field(0.8, ge=0.0, le=1.0)
     mask_length: int = Field(5, ge=1)
     min_masks: int = Field(2, ge=0)
     require_same_masks: bool = True
+    mask_group_clips: int = Field(16, ge=1)
     logit_temp: float = Field(0.1, gt=0.0)
     pred_masked_weight: float = Field(1.0, ge=0.0)  # criterion pred_masked_weight
     cqt_weight: float = Field(1.0, ge=0.0)  # loss_weights[1]
     feature_penalty_weight: float = Field(10.0, ge=0.0)  # loss_weights[0]
     feature_grad_mult: float = Field(0.1, ge=0.0)
-    mixture_prob: float = Field(0.5, ge=0.0, le=1.0)  # a sample is mixed when U[0,1) > mixture_prob
+    mixture_prob: float = Field(0.5, ge=-1.0, le=1.0)  # <= 0: off; else a clip is mixed when U[0,1) > mixture_prob
     mixture_length_range: tuple[int, int] = (12000, 24000)  # samples, inclusive
     mixture_count_range: tuple[int, int] = (1, 3)  # excerpts per mixed sample, inclusive
     mixture_volume: float = Field(1.0, ge=0.0)
@@ -133,17 +149,20 @@ def apply_inbatch_noise(
     volume: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MERT's in-batch noise mixture (§C.7). Returns ``(mixed copy of wav, applied [B] bool)``.
+    """MERT's in-batch noise mixture (``MERTModel.inbatch_noise_augment``). Returns ``(mixed copy of wav,
+    applied [B] bool)``.
 
-    Sample ``i`` is augmented when ``U[0,1) > mixture_prob``; the noise pool is the concatenation of the
-    *clean* other clips; each of ``n ~ U{count_range}`` excerpts of length ``U{length_range}`` (clipped to the
-    clip length) starts at a uniform offset in the pool and is added at a uniform position. A batch of one
-    has no pool and is returned unchanged, as MERT's exception path does.
+    ``mixture_prob <= 0`` switches it off (MERT's ``if self.mixture_prob > 0`` gate), so nothing is drawn from
+    ``generator``. Otherwise clip ``i`` is augmented when ``U[0,1) > mixture_prob`` (probability
+    ``1 - mixture_prob``); the noise pool is the concatenation of the *clean* other clips of ``wav``; each of
+    ``n ~ U{count_range}`` excerpts of length ``U{length_range}`` (clipped to the clip length) starts at a
+    uniform offset in the pool and is added at a uniform position. A batch of one has no pool and is returned
+    unchanged, as MERT's exception path does.
     """
     batch, length = wav.shape
     out = wav.clone()
     applied = torch.zeros(batch, dtype=torch.bool)
-    if batch < 2 or length == 0:
+    if mixture_prob <= 0 or batch < 2 or length == 0:
         return out, applied
     draws = torch.rand(batch, generator=generator)
     for i in range(batch):
@@ -216,26 +235,39 @@ class MertObjective(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Draw the mixture and the mask for a batch. Returns ``(input_wav, mask [B, T] bool, mixed [B])``.
 
-        The mask covers the first ``min(T_conv, T_labels)`` frames; frames without a label are never masked,
+        ``wav`` is the *global* batch; it is cut into consecutive groups of ``mask_group_clips`` rows, each mixed
+        and masked like one of MERT's per-GPU batches, so the result does not depend on the world size. The mask
+        covers the first ``min(T_conv, T_labels)`` frames; frames without a label are never masked,
         nor are frames where ``label_valid`` [B, T_labels] is False (padding codes of short items).
         """
         cfg = self.config
-        if train and cfg.mixture_prob < 1.0:
-            wav_in, mixed = apply_inbatch_noise(
-                wav.float().cpu(),
-                cfg.mixture_prob,
-                tuple(cfg.mixture_length_range),
-                tuple(cfg.mixture_count_range),
-                cfg.mixture_volume,
+        batch = wav.shape[0]
+        wav_in = wav.float().cpu()
+        mixed = torch.zeros(batch, dtype=torch.bool)
+        groups = [slice(g, min(g + cfg.mask_group_clips, batch)) for g in range(0, batch, cfg.mask_group_clips)]
+        if train and 0 < cfg.mixture_prob < 1.0:
+            clean = wav_in
+            wav_in = clean.clone()
+            for rows in groups:  # MERT's noise pool is the other clips of the same per-GPU batch
+                wav_in[rows], mixed[rows] = apply_inbatch_noise(
+                    clean[rows],
+                    cfg.mixture_prob,
+                    tuple(cfg.mixture_length_range),
+                    tuple(cfg.mixture_count_range),
+                    cfg.mixture_volume,
+                    generator,
+                )
+        usable = min(num_conv_frames, num_label_frames)
+        mask = torch.zeros(batch, num_conv_frames, dtype=torch.bool)
+        for rows in groups:  # fairseq equalises the masked count within one forward batch, not across GPUs
+            mask[rows, :usable] = compute_mask_indices(
+                (rows.stop - rows.start, usable),
+                cfg.mask_prob,
+                cfg.mask_length,
+                cfg.min_masks,
+                cfg.require_same_masks,
                 generator,
             )
-        else:
-            wav_in, mixed = wav.float().cpu(), torch.zeros(wav.shape[0], dtype=torch.bool)
-        usable = min(num_conv_frames, num_label_frames)
-        mask = torch.zeros(wav.shape[0], num_conv_frames, dtype=torch.bool)
-        mask[:, :usable] = compute_mask_indices(
-            (wav.shape[0], usable), cfg.mask_prob, cfg.mask_length, cfg.min_masks, cfg.require_same_masks, generator
-        )
         if label_valid is not None and not bool(label_valid.all()):
             mask[:, :usable] &= label_valid[:, :usable].to(mask.device)
         return wav_in, mask, mixed

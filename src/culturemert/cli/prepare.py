@@ -15,12 +15,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--teacher-model",
         default=None,
-        help="encodec: Hub id or local dir (default facebook/encodec_24khz); kmeans: a fitted model file to reuse "
-        "instead of fitting on this corpus",
+        help="encodec: Hub id or local dir (default facebook/encodec_24khz); kmeans: a fitted teacher to reuse "
+        "instead of fitting on this corpus: its file, or a directory prepared with it (DIR/teacher/kmeans.safetensors). "
+        "Directories trained on together must share one teacher",
     )
     parser.add_argument("--kmeans-clusters", type=int, default=128, help="k-means codebook size")
     parser.add_argument("--kmeans-codebooks", type=int, default=1, help="number of k-means codebooks")
-    parser.add_argument("--kmeans-fit-seconds", type=float, default=3600.0, help="audio sampled to fit k-means")
+    parser.add_argument(
+        "--kmeans-fit-seconds",
+        type=float,
+        default=3600.0,
+        help="most audio used to fit k-means: one window of at most 30 s per training file until this many seconds",
+    )
     parser.add_argument("--min-seconds", type=float, default=3.0, help="skip files shorter than this")
     parser.add_argument("--shard-seconds", type=float, default=1800.0, help="audio per shard (unit of resume)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes")
@@ -43,9 +49,15 @@ def _build_teacher(args: argparse.Namespace):
         if args.kmeans_clusters < 2 or args.kmeans_codebooks < 1:
             raise ConfigError("--kmeans-clusters must be >= 2 and --kmeans-codebooks >= 1")
         if args.teacher_model:
-            if not os.path.isfile(args.teacher_model):
-                raise ConfigError(f"--teacher-model: file not found: {args.teacher_model}")
-            return teachers.build_teacher("kmeans", path=args.teacher_model, **({"device": args.device} if args.device else {}))
+            path = args.teacher_model
+            if os.path.isdir(path) and os.path.isfile(os.path.join(path, "teacher", "kmeans.safetensors")):
+                path = os.path.join(path, "teacher", "kmeans.safetensors")  # a prepared directory: reuse its teacher
+            elif not os.path.isfile(path):
+                raise ConfigError(
+                    f"--teacher-model: {args.teacher_model} is neither a k-means teacher file nor a prepared directory "
+                    "holding teacher/kmeans.safetensors"
+                )
+            return teachers.build_teacher("kmeans", path=path, **({"device": args.device} if args.device else {}))
         options = {"n_clusters": args.kmeans_clusters, "n_codebooks": args.kmeans_codebooks, "seed": args.seed}
         if args.device:
             options["device"] = args.device

@@ -17,8 +17,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from culturemert.label_grid import HOP_LENGTH
-from culturemert.audio import int16_to_float
+from culturemert.label_grid import HOP_LENGTH, SAMPLE_RATE
+from culturemert.audio import INT16_SCALE, int16_to_float
 from culturemert.config import StrictModel
 from culturemert.errors import ConfigError, DataError
 from culturemert.data.prepare import INDEX_VERSION
@@ -34,7 +34,15 @@ PAD_CODE = -1
 class PreparedDataset:
     """A prepared directory, memory-mapped: items' audio and codes are views, nothing is decoded.
 
-    Shards are opened lazily (per process), so the object pickles cheaply into DataLoader workers.
+    Opening checks that ``index.json`` and the files agree, and raises a one-line :class:`DataError` naming the
+    file and the disagreement otherwise (never reads past it): every shard file listed exists inside the
+    directory with the shape and dtype the index gives (int16 audio ``[n_samples]``, int16 codes
+    ``[n_codebooks, n_frames]``); every item lies inside its shard, owns ``ceil(length / 320)`` frames, and the
+    items of a shard tile its audio and codes exactly; ``shards/`` holds no shard file the index does not list
+    (e.g. files of another prepared directory copied in); the sample rate, hop and int16 scale are this
+    version's. Shards are opened lazily (per process), so the object pickles cheaply into DataLoader workers.
+    ``teacher`` is the index's teacher entry; ``teacher_fingerprint`` its ``fingerprint`` (None in directories
+    prepared before fingerprints were recorded).
     """
 
     def __init__(self, directory: str | os.PathLike):
@@ -42,26 +50,114 @@ class PreparedDataset:
         index_path = self.directory / "index.json"
         if not index_path.is_file():
             raise DataError(f"{self.directory}: no index.json (not a prepared directory, or prepare did not finish)")
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-        if index.get("version") != INDEX_VERSION or index.get("hop") != HOP_LENGTH:
-            raise DataError(f"{index_path}: unsupported index version {index.get('version')}")
-        self.sample_rate: int = index["sample_rate"]
-        self.teacher: dict[str, Any] = index["teacher"]
-        self.n_codebooks: int = self.teacher["n_codebooks"]
-        self.codebook_size: int = self.teacher["codebook_size"]
-        self.shards: list[dict[str, Any]] = index["shards"]
-        self.items: list[dict[str, Any]] = index["items"]
-        self.culture = np.array([it["culture"] for it in self.items], dtype=object)
-        self.split = np.array([it["split"] for it in self.items], dtype=object)
-        self.weight = np.array([it["weight"] for it in self.items], dtype=np.float64)
-        self.shard = np.array([it["shard"] for it in self.items], dtype=np.int64)
-        self.offset = np.array([it["offset"] for it in self.items], dtype=np.int64)
-        self.length = np.array([it["length"] for it in self.items], dtype=np.int64)
-        self.frame_offset = np.array([it["frame_offset"] for it in self.items], dtype=np.int64)
-        self.n_frames = np.array([it["n_frames"] for it in self.items], dtype=np.int64)
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{index_path}: unreadable ({type(exc).__name__}: {exc})") from None
+        if not isinstance(index, dict) or index.get("version") != INDEX_VERSION or index.get("hop") != HOP_LENGTH:
+            version = index.get("version") if isinstance(index, dict) else None
+            raise DataError(f"{index_path}: unsupported index version {version}")
+        try:
+            self.sample_rate: int = index["sample_rate"]
+            self.teacher: dict[str, Any] = index["teacher"]
+            self.n_codebooks: int = int(self.teacher["n_codebooks"])
+            self.codebook_size: int = int(self.teacher["codebook_size"])
+            self.shards: list[dict[str, Any]] = index["shards"]
+            self.items: list[dict[str, Any]] = index["items"]
+            self.culture = np.array([it["culture"] for it in self.items], dtype=object)
+            self.split = np.array([it["split"] for it in self.items], dtype=object)
+            self.weight = np.array([it["weight"] for it in self.items], dtype=np.float64)
+            self.shard = np.array([it["shard"] for it in self.items], dtype=np.int64)
+            self.offset = np.array([it["offset"] for it in self.items], dtype=np.int64)
+            self.length = np.array([it["length"] for it in self.items], dtype=np.int64)
+            self.frame_offset = np.array([it["frame_offset"] for it in self.items], dtype=np.int64)
+            self.n_frames = np.array([it["n_frames"] for it in self.items], dtype=np.int64)
+            shard_samples = np.array([int(e["n_samples"]) for e in self.shards], dtype=np.int64)
+            shard_frames = np.array([int(e["n_frames"]) for e in self.shards], dtype=np.int64)
+            shard_files = [(str(e["audio"]), str(e["codes"])) for e in self.shards]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{index_path}: malformed ({type(exc).__name__}: {exc})") from None
+        self.teacher_fingerprint: str | None = self.teacher.get("fingerprint")
+        if self.sample_rate != SAMPLE_RATE or index.get("int16_scale", INT16_SCALE) != INT16_SCALE:
+            raise DataError(
+                f"{index_path}: sample_rate {self.sample_rate} / int16_scale {index.get('int16_scale')}, this version "
+                f"reads {SAMPLE_RATE} / {INT16_SCALE}"
+            )
+        self._check_items(index_path, shard_samples, shard_frames)
+        self._check_files(index_path, shard_samples, shard_frames, shard_files)
         self._audio: dict[int, np.ndarray] = {}
         self._codes: dict[int, np.ndarray] = {}
         self._pid = os.getpid()
+
+    def _check_items(self, index_path: Path, shard_samples: np.ndarray, shard_frames: np.ndarray) -> None:
+        """Every item inside its shard, ``ceil(length / 320)`` frames, and the items tiling each shard."""
+        n_shards = len(self.shards)
+
+        def fail(mask: np.ndarray, what: str) -> None:
+            if mask.any():
+                i = int(np.flatnonzero(mask)[0])
+                raise DataError(f"{index_path}: item {self.items[i].get('id', i)} ({self.items[i].get('path')}): {what}")
+
+        fail((self.shard < 0) | (self.shard >= n_shards), f"shard outside the {n_shards} listed")
+        fail(self.length <= 0, "length is not positive")
+        fail(self.n_frames != -(-self.length // HOP_LENGTH), "n_frames is not ceil(length / 320)")
+        shard = np.clip(self.shard, 0, max(n_shards - 1, 0))
+        fail((self.offset < 0) | (self.offset + self.length > shard_samples[shard]), "audio outside its shard")
+        fail(
+            (self.frame_offset < 0) | (self.frame_offset + self.n_frames > shard_frames[shard]),
+            "codes outside its shard",
+        )
+        used_samples = np.bincount(shard, weights=self.length, minlength=n_shards).astype(np.int64)
+        used_frames = np.bincount(shard, weights=self.n_frames, minlength=n_shards).astype(np.int64)
+        bad = np.flatnonzero((used_samples != shard_samples) | (used_frames != shard_frames))
+        if bad.size:
+            k = int(bad[0])
+            raise DataError(
+                f"{index_path}: shard {k} lists {shard_samples[k]} samples / {shard_frames[k]} frames but its items "
+                f"cover {used_samples[k]} / {used_frames[k]}"
+            )
+        # with the sums equal, items tile their shard iff each starts where the previous one (in offset order) ends
+        order = np.lexsort((self.offset, shard))
+        first = np.ones(order.size, bool)
+        first[1:] = shard[order][1:] != shard[order][:-1]
+        want_offset = np.where(first, 0, np.concatenate([[0], (self.offset + self.length)[order][:-1]]))
+        want_frame = np.where(first, 0, np.concatenate([[0], (self.frame_offset + self.n_frames)[order][:-1]]))
+        wrong = (self.offset[order] != want_offset) | (self.frame_offset[order] != want_frame)
+        if wrong.any():
+            k = int(shard[order][np.flatnonzero(wrong)[0]])
+            raise DataError(f"{index_path}: the items of shard {k} overlap or leave gaps")
+
+    def _check_files(
+        self, index_path: Path, shard_samples: np.ndarray, shard_frames: np.ndarray, shard_files: list[tuple[str, str]]
+    ) -> None:
+        """Shard files exist inside the directory with the index's shapes; no unlisted shard files."""
+        root = self.directory.resolve()
+        listed: set[str] = set()
+        for k, (audio, codes) in enumerate(shard_files):
+            for rel, shape in ((audio, (int(shard_samples[k]),)), (codes, (self.n_codebooks, int(shard_frames[k])))):
+                path = (self.directory / rel).resolve()
+                if Path(rel).is_absolute() or root not in path.parents:
+                    raise DataError(f"{index_path}: shard {k} file {rel!r} is not inside {self.directory}")
+                got_shape, got_dtype = _npy_header(path)
+                if got_shape != shape or got_dtype != np.int16:
+                    raise DataError(
+                        f"{path}: {got_dtype} {got_shape}, but index.json lists int16 {shape} (modified, truncated, "
+                        "or from another run?)"
+                    )
+                listed.add(path.relative_to(root).as_posix())
+            listed.add(f"shards/items-{k:05d}.json")  # prepare's per-shard commit marker
+        shard_dir = self.directory / "shards"
+        extra = sorted(
+            p.relative_to(self.directory).as_posix()
+            for p in (shard_dir.iterdir() if shard_dir.is_dir() else [])
+            if not p.name.startswith(".") and p.resolve().relative_to(root).as_posix() not in listed
+        )
+        if extra:
+            more = f" and {len(extra) - 1} more file(s)" if len(extra) > 1 else ""
+            raise DataError(
+                f"{self.directory}: shards/ holds {extra[0]}{more}, which index.json does not list (files of another "
+                "prepared directory?); remove them or re-run prepare"
+            )
 
     def __len__(self) -> int:
         return len(self.items)
@@ -99,6 +195,79 @@ class PreparedDataset:
         for culture, length in zip(self.culture[keep], self.length[keep]):
             hours[culture] = hours.get(culture, 0.0) + float(length) / self.sample_rate / 3600
         return hours
+
+
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of a ``.npy`` file from its header only; :class:`DataError` if missing or not a .npy."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f".npy format version {version}")
+            offset = f.tell()
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing (listed in index.json)") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable .npy file ({exc})") from None
+    expected = offset + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if size < expected:
+        raise DataError(f"{path}: truncated ({size} bytes, the header announces {expected})")
+    if fortran and len(shape) > 1:
+        raise DataError(f"{path}: Fortran-ordered array; prepare writes C order")
+    return tuple(int(n) for n in shape), np.dtype(dtype)
+
+
+def teacher_identity(dataset: PreparedDataset) -> str:
+    """``name n_codebooks x codebook_size, teacher fingerprint <first 12 hex>`` for messages."""
+    fp = dataset.teacher_fingerprint
+    return (
+        f"{dataset.teacher.get('name')} {dataset.n_codebooks}x{dataset.codebook_size}, "
+        f"teacher fingerprint {fp[:12] if fp else 'not recorded'}"
+    )
+
+
+def check_same_teacher(datasets: Sequence[PreparedDataset | str | os.PathLike]) -> list[PreparedDataset]:
+    """Refuse prepared directories whose codes come from different teachers; returns the opened datasets.
+
+    Codes are only comparable under one teacher: two k-means teachers fitted on different corpora (or an EnCodec
+    with other weights) give code 7 different meanings, and training on both at once teaches contradictory
+    targets. The teachers' fingerprints (``index.json``: ``teacher.fingerprint``, see
+    :func:`culturemert.teachers.teacher_fingerprint`) must be equal; a directory without one (prepared by an
+    older culturemert) cannot be checked and is refused too when combined with others.
+
+    Raises:
+        DataError: naming both directories and their teachers.
+    """
+    opened = [d if isinstance(d, PreparedDataset) else PreparedDataset(d) for d in datasets]
+    if len(opened) < 2:
+        return opened
+    first = opened[0]
+    for d in [first, *opened[1:]]:
+        if d.teacher_fingerprint is None:
+            raise DataError(
+                f"{d.directory}: index.json records no teacher fingerprint (prepared by an older culturemert), so it "
+                f"cannot be checked against the other directories; re-run the same `culturemert prepare` command on "
+                f"it (finished shards are kept) to record one"
+            )
+    for d in opened[1:]:
+        same = (d.teacher.get("name"), d.n_codebooks, d.codebook_size, d.teacher_fingerprint) == (
+            first.teacher.get("name"), first.n_codebooks, first.codebook_size, first.teacher_fingerprint)
+        if not same:
+            hint = (
+                f"; fit k-means once and prepare the others with `--teacher kmeans --teacher-model {first.directory}`"
+                if first.teacher.get("name") == "kmeans" else ""
+            )
+            raise DataError(
+                f"{d.directory} ({teacher_identity(d)}) and {first.directory} ({teacher_identity(first)}) were "
+                f"tokenised by different teachers: a code means a different sound in each, so they cannot be trained "
+                f"on together; tokenise every directory with one teacher{hint}"
+            )
+    return opened
 
 
 def mixture_weights(
@@ -226,13 +395,8 @@ class MixtureLoader:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if short_items not in ("skip", "pad"):
             raise ConfigError(f"short_items must be 'skip' or 'pad', got {short_items!r}")
+        check_same_teacher(self.datasets)
         first = self.datasets[0]
-        for d in self.datasets[1:]:
-            if (d.teacher["name"], d.n_codebooks, d.codebook_size) != (first.teacher["name"], first.n_codebooks, first.codebook_size):
-                raise DataError(
-                    f"{d.directory} was tokenised by {d.teacher['name']} ({d.n_codebooks}x{d.codebook_size}); "
-                    f"{first.directory} by {first.teacher['name']} ({first.n_codebooks}x{first.codebook_size})"
-                )
         self.n_codebooks = first.n_codebooks
         self.crop_samples = crop_samples
         self.crop_frames = crop_samples // HOP_LENGTH

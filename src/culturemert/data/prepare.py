@@ -34,7 +34,7 @@ from culturemert.files import atomic_write, fsync_dir as _fsync_dir, json_text, 
 from culturemert.config import StrictModel, parse_config
 from culturemert.errors import ConfigError, DataError
 from culturemert.data.manifest import ManifestRow, read_manifest
-from culturemert.teachers.base import Teacher, check_codebook_usage
+from culturemert.teachers.base import Teacher, check_codebook_usage, teacher_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -172,32 +172,47 @@ def _plan_shards(estimates: list[tuple[int, float]], shard_seconds: float) -> li
     return shards
 
 
-def _iter_fit_waveforms(
-    out_dir: Path, shard_items: list[dict], rows: list[ManifestRow], fit_seconds: float, seed: int
-) -> Iterator[np.ndarray]:
-    """A seeded sample of the prepared training audio: random 30-s windows until ``fit_seconds`` are drawn."""
-    window = 30 * SAMPLE_RATE
+#: ``prepare`` fits a k-means teacher on one window of at most this many seconds per training file.
+FIT_WINDOW_SECONDS = 30
+
+
+def _fit_windows(
+    shard_items: list[list[dict]], rows: list[ManifestRow], fit_seconds: float, seed: int
+) -> list[tuple[int, int, int]]:
+    """A seeded sample of the prepared training audio for fitting a teacher: ``(shard, start, n_samples)`` windows,
+    one random window of at most 30 s (on the 320-sample grid) per training file, files in random order, until
+    ``fit_seconds`` are drawn. The budget binds only when the training split holds more than
+    ``fit_seconds / 30`` files' worth of windows; the caller logs what was actually drawn."""
+    window = FIT_WINDOW_SECONDS * SAMPLE_RATE
     pool = [(k, it) for k, items in enumerate(shard_items) for it in items if rows[it["id"]].split == "train"]
     if not pool:
         pool = [(k, it) for k, items in enumerate(shard_items) for it in items]
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x6B6D]))
     order = rng.permutation(len(pool))
     budget = int(fit_seconds * SAMPLE_RATE)
-    audio_cache: dict[int, np.ndarray] = {}
+    windows: list[tuple[int, int, int]] = []
     for i in order:
         if budget <= 0:
             break
         k, it = pool[i]
-        if k not in audio_cache:
-            audio_cache.clear()
-            audio_cache[k] = np.load(out_dir / _shard_name("audio", k, "npy"), mmap_mode="r")
         n = min(it["length"], window, budget)
         n -= n % HOP_LENGTH
         if n <= 0:
             continue
         start = int(rng.integers(0, (it["length"] - n) // HOP_LENGTH + 1)) * HOP_LENGTH
         budget -= n
-        yield int16_to_float(np.asarray(audio_cache[k][it["offset"] + start : it["offset"] + start + n]))
+        windows.append((k, it["offset"] + start, n))
+    return windows
+
+
+def _iter_fit_waveforms(out_dir: Path, windows: list[tuple[int, int, int]]) -> Iterator[np.ndarray]:
+    """The float audio of :func:`_fit_windows`' windows, one shard memory-mapped at a time."""
+    audio_cache: dict[int, np.ndarray] = {}
+    for k, start, n in windows:
+        if k not in audio_cache:
+            audio_cache.clear()
+            audio_cache[k] = np.load(out_dir / _shard_name("audio", k, "npy"), mmap_mode="r")
+        yield int16_to_float(np.asarray(audio_cache[k][start : start + n]))
 
 
 def _encode_shard(
@@ -289,7 +304,7 @@ class PrepareSettings(StrictModel):
     workers: int = Field(0, ge=0)  # decoding processes (0/1: in-process)
     seed: int = 0  # k-means fitting sample
     nonfinite: Literal["reject", "zero"] = "reject"  # NaN/inf samples: skip the file, or zero them with a warning
-    kmeans_fit_seconds: float = Field(3600.0, gt=0)  # audio budget for fitting a k-means teacher
+    kmeans_fit_seconds: float = Field(3600.0, gt=0)  # budget for fitting k-means: <= 30 s per training file
     teacher_chunk_seconds: float = Field(30.0, gt=0)  # teacher encodes audio in chunks this long
     teacher_context_seconds: float = Field(1.0, ge=0)  # real audio on both sides of a chunk, codes discarded
     teacher_batch_size: int = Field(8, ge=1)
@@ -459,9 +474,19 @@ def _fit_phase(run: _PrepareRun, teacher: Teacher) -> Teacher:
         log.info("using the k-means teacher fitted by a previous run: %s", model_path)
     else:
         n_frames_max = int(settings.kmeans_fit_seconds * teacher.frame_rate)
-        log.info("fitting the %s teacher on up to %.0f s of training audio", teacher.name, settings.kmeans_fit_seconds)
-        shard_items = [m["items"] for m in run.metas]
-        teacher.fit(_iter_fit_waveforms(out, shard_items, run.rows, settings.kmeans_fit_seconds, settings.seed), n_frames_max, settings.seed)
+        windows = _fit_windows([m["items"] for m in run.metas], run.rows, settings.kmeans_fit_seconds, settings.seed)
+        used = sum(n for _, _, n in windows) / SAMPLE_RATE
+        log.info(
+            "fitting the %s teacher on %.1f s of training audio: one window of at most %d s from each of %d file(s)%s",
+            teacher.name,
+            used,
+            FIT_WINDOW_SECONDS,
+            len(windows),
+            f" (budget {settings.kmeans_fit_seconds:g} s reached)"
+            if used >= settings.kmeans_fit_seconds - HOP_LENGTH / SAMPLE_RATE
+            else f" (all of them; the {settings.kmeans_fit_seconds:g}-s budget is not reached)",
+        )
+        teacher.fit(_iter_fit_waveforms(out, windows), n_frames_max, settings.seed)
         tmp_dir = Path(tempfile.mkdtemp(prefix=".teacher.", suffix=".tmp", dir=out))
         teacher.save(tmp_dir / "kmeans.safetensors")
         for p in tmp_dir.iterdir():
@@ -475,9 +500,20 @@ def _fit_phase(run: _PrepareRun, teacher: Teacher) -> Teacher:
         _fsync_dir(out)
     load_options = {k: getattr(teacher, k) for k in ("device", "batch_size") if hasattr(teacher, k)}
     try:
-        return type(teacher).load(model_path, **load_options)
+        saved = type(teacher).load(model_path, **load_options)
     except TypeError:
-        return type(teacher).load(model_path)
+        saved = type(teacher).load(model_path)
+    # a teacher left by an earlier run (e.g. plan.json deleted since) must be the one this run asks for
+    asked, found = _teacher_spec(teacher), _teacher_spec(saved)
+    asked_state, found_state = _teacher_state(teacher), _teacher_state(saved)
+    if isinstance(asked_state, dict) and isinstance(found_state, dict):
+        asked["features"], found["features"] = asked_state.get("features"), found_state.get("features")
+    if asked != found:
+        differ = ", ".join(f"{k} {found[k]!r} (asked {asked[k]!r})" for k in asked if asked[k] != found.get(k))
+        raise DataError(
+            f"{model_path} was fitted with other settings: {differ}; delete {teacher_dir} or use another --out"
+        )
+    return saved
 
 
 def _codes_phase(run: _PrepareRun, teacher: Teacher) -> None:
@@ -563,7 +599,9 @@ def _index_phase(run: _PrepareRun, teacher: Teacher) -> PrepareSummary:
             state = {**state, "path": Path(state["path"]).resolve().relative_to(out.resolve()).as_posix()}
         except ValueError:
             pass
-    teacher_info = {**_teacher_spec(teacher), "state": state}
+    # which teacher made the codes; the loader refuses to mix directories whose fingerprints differ
+    identity = {**_teacher_spec(teacher), "fingerprint": teacher_fingerprint(teacher)}
+    teacher_info = {**identity, "state": state}
     write_json_atomic(
         out / "prepare.json",
         {
@@ -594,7 +632,7 @@ def _index_phase(run: _PrepareRun, teacher: Teacher) -> PrepareSummary:
             "sample_rate": SAMPLE_RATE,
             "hop": HOP_LENGTH,
             "int16_scale": INT16_SCALE,
-            "teacher": _teacher_spec(teacher),
+            "teacher": identity,
             "shards": shard_table,
             "items": index_items,
         },

@@ -17,7 +17,7 @@ import inspect
 from typing import Any
 
 from culturemert.errors import ConfigError
-from culturemert.teachers.base import Teacher, check_codebook_usage
+from culturemert.teachers.base import Teacher, check_codebook_usage, teacher_fingerprint
 from culturemert.teachers.cqt import MertCQT
 from culturemert.teachers.encodec import DEFAULT_ENCODEC, EncodecTeacher
 from culturemert.teachers.kmeans import KMeansTeacher
@@ -31,6 +31,7 @@ __all__ = [
     "Teacher",
     "build_teacher",
     "check_codebook_usage",
+    "teacher_fingerprint",
 ]
 
 TEACHERS = ("encodec", "kmeans")

@@ -5,6 +5,7 @@ codebook-usage guard that catches a collapsed or mis-wired teacher before its co
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -164,6 +165,31 @@ class BatchedTeacher:
                 frames = label_frames(clips[index].shape[0])
                 results[index] = np.ascontiguousarray(codes[row, :, :frames])
         return results  # type: ignore[return-value]
+
+
+def teacher_fingerprint(teacher: Any) -> str:
+    """sha256 hex digest of everything that decides a teacher's codes, so two prepared directories can be checked
+    for a common teacher: code 7 of one k-means codebook is not code 7 of another fitted elsewhere.
+
+    Uses ``teacher.fingerprint()`` when the teacher has one (:class:`KMeansTeacher`: centroids, mean, std and
+    feature settings; :class:`EncodecTeacher`: weights and bandwidth; neither includes file paths), otherwise the
+    sha256 of its name and :meth:`Teacher.state` as sorted JSON.
+    """
+    method = getattr(teacher, "fingerprint", None)
+    if callable(method):
+        return str(method())
+    described = json.dumps({"name": str(teacher.name), "state": teacher.state()}, sort_keys=True, default=str)
+    return hashlib.sha256(described.encode()).hexdigest()
+
+
+def array_fingerprint(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
+    """sha256 of sorted-JSON ``meta`` plus each array's name, dtype, shape and bytes (in name order)."""
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for key in sorted(arrays):
+        value = np.ascontiguousarray(arrays[key])
+        digest.update(f"{key}:{value.dtype.str}:{value.shape}".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 def tensor_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:

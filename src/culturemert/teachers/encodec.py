@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -97,9 +98,19 @@ class EncodecTeacher(BatchedTeacher):
                 outputs.append(codes.to(torch.int16).cpu())
         return torch.cat(outputs).numpy()
 
-    def state(self) -> dict[str, Any]:
+    def _weights_sha256(self) -> str:
         if self._fingerprint is None:
             self._fingerprint = tensor_fingerprint(self.model.state_dict())
+        return self._fingerprint
+
+    def fingerprint(self) -> str:
+        """sha256 of what decides the codes: the weights' digest, the bandwidth and the codebook sizes (not where
+        the weights were loaded from, so the same EnCodec in two cache directories gives the same fingerprint)."""
+        described = f"encodec:{self._weights_sha256()}:bandwidth={self.bandwidth:g}:{self.n_codebooks}x{self.codebook_size}"
+        return hashlib.sha256(described.encode()).hexdigest()
+
+    def state(self) -> dict[str, Any]:
+        self._weights_sha256()
         return {
             "name": self.name,
             "model": self.source,

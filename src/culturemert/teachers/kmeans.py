@@ -19,7 +19,7 @@ from culturemert.audio import mel_filterbank
 from culturemert.files import atomic_write_bytes
 from culturemert.errors import CheckpointError, ConfigError, DataError, UserError
 from culturemert.runtime import resolve_device
-from culturemert.teachers.base import BatchedTeacher, as_batch
+from culturemert.teachers.base import BatchedTeacher, array_fingerprint, as_batch
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +205,24 @@ class KMeansTeacher(BatchedTeacher):
             return np.zeros((0, self.n_codebooks, label_frames(x.shape[1])), dtype=np.int16)
         return torch.cat(outputs).numpy()
 
+    def fingerprint(self) -> str:
+        """sha256 of what decides the codes: feature settings, sizes, and the fitted centroids, mean and std
+        (float32). The seed, the frame count of the fit and the file path are left out: a teacher saved and
+        reloaded anywhere keeps its fingerprint; a teacher fitted on other audio gets another one.
+
+        Raises:
+            UserError: the teacher is not fitted.
+        """
+        self._require_fitted()
+        meta = self._meta()
+        identity = {k: meta[k] for k in ("name", "n_codebooks", "codebook_size", "sample_rate", "hop_length", "features")}
+        arrays = {
+            "centroids": np.asarray(self.centroids, np.float32),
+            "mean": np.asarray(self.mean, np.float32),
+            "std": np.asarray(self.std, np.float32),
+        }
+        return array_fingerprint(identity, arrays)
+
     # -- persistence ----------------------------------------------------------------------------------------
 
     def _meta(self) -> dict[str, Any]:
@@ -262,10 +280,24 @@ class KMeansTeacher(BatchedTeacher):
     def load(
         cls, path: str | os.PathLike, device: str | torch.device | None = "cpu", batch_size: int = 16
     ) -> KMeansTeacher:
-        """Load a teacher written by :meth:`save` (its file, or the directory holding ``kmeans_teacher.npz``)."""
+        """Load a teacher written by :meth:`save`: its file, or a directory holding exactly one of
+        ``kmeans_teacher.npz`` / ``kmeans.safetensors`` (the name ``prepare`` uses in ``DIR/teacher/``).
+
+        The file must describe itself completely and agree with its arrays: ``centroids`` [n_codebooks,
+        codebook_size, n_mels], ``mean`` / ``std`` [n_mels], finite, ``std > 0``, no other arrays, and the 24 kHz /
+        320-sample / log-mel settings this version computes.
+
+        Raises:
+            CheckpointError: a missing, unreadable or inconsistent file, one line naming it and the disagreement.
+        """
         source = Path(path)
         if source.is_dir():
-            source = source / cls.DEFAULT_FILE
+            candidates = [source / name for name in (cls.DEFAULT_FILE, "kmeans.safetensors") if (source / name).is_file()]
+            if len(candidates) > 1:
+                raise CheckpointError(
+                    f"{source}: holds both {candidates[0].name} and {candidates[1].name}; pass the teacher file itself"
+                )
+            source = candidates[0] if candidates else source / cls.DEFAULT_FILE
         try:
             raw = source.read_bytes()
         except OSError as exc:
@@ -274,7 +306,7 @@ class KMeansTeacher(BatchedTeacher):
             if raw[:4] == b"PK\x03\x04":  # zip magic: npz
                 with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
                     meta = json.loads(str(archive["meta_json"][()]))
-                    arrays = {key: archive[key] for key in ("centroids", "mean", "std")}
+                    arrays = {key: archive[key] for key in archive.files if key != "meta_json"}
             else:
                 from safetensors.numpy import load as load_safetensors
 
@@ -286,25 +318,44 @@ class KMeansTeacher(BatchedTeacher):
             raise CheckpointError(
                 f"{source}: not a readable culturemert kmeans teacher ({type(exc).__name__}: {exc})"
             ) from exc
-        if meta.get("format") != cls.FORMAT or meta.get("version") != cls.VERSION:
+        if not isinstance(meta, dict) or meta.get("format") != cls.FORMAT or meta.get("version") != cls.VERSION:
+            found = meta if isinstance(meta, dict) else {}
             raise CheckpointError(
-                f"{source}: not a culturemert kmeans teacher (format {meta.get('format')!r}, version "
-                f"{meta.get('version')!r}; expected {cls.FORMAT!r} version {cls.VERSION})"
+                f"{source}: not a culturemert kmeans teacher (format {found.get('format')!r}, version "
+                f"{found.get('version')!r}; expected {cls.FORMAT!r} version {cls.VERSION})"
             )
-        features = meta["features"]
-        teacher = cls(
-            n_codebooks=meta["n_codebooks"],
-            codebook_size=meta["codebook_size"],
-            n_fft=features["n_fft"],
-            n_mels=features["n_mels"],
-            f_min=features["f_min"],
-            f_max=features["f_max"],
-            center_offset=features["center_offset"],
-            log_floor=features["log_floor"],
-            seed=meta["seed"],
-            device=device,
-            batch_size=batch_size,
-        )
+        try:
+            features = meta["features"]
+            grid = (meta["name"], meta["sample_rate"], meta["hop_length"], float(meta["frame_rate"]), features["kind"])
+            teacher = cls(
+                n_codebooks=meta["n_codebooks"],
+                codebook_size=meta["codebook_size"],
+                n_fft=features["n_fft"],
+                n_mels=features["n_mels"],
+                f_min=features["f_min"],
+                f_max=features["f_max"],
+                center_offset=features["center_offset"],
+                log_floor=features["log_floor"],
+                seed=meta["seed"],
+                device=device,
+                batch_size=batch_size,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{source}: kmeans teacher metadata incomplete ({type(exc).__name__}: {exc})") from None
+        except ConfigError as exc:
+            raise CheckpointError(f"{source}: {exc}") from None
+        if grid != (cls.name, SAMPLE_RATE, HOP_LENGTH, float(FRAME_RATE), "log_mel"):
+            raise CheckpointError(
+                f"{source}: teacher {grid[0]!r} at {grid[1]} Hz / hop {grid[2]} / {grid[3]} Hz / features {grid[4]!r}; "
+                f"this version computes {cls.name!r} at {SAMPLE_RATE} Hz / hop {HOP_LENGTH} / {FRAME_RATE} Hz / 'log_mel'"
+            )
+        extra = sorted(set(arrays) - {"centroids", "mean", "std"})
+        missing = sorted({"centroids", "mean", "std"} - set(arrays))
+        if extra or missing:
+            raise CheckpointError(
+                f"{source}: arrays {sorted(arrays)} do not match a kmeans teacher (missing {missing}, "
+                f"not described by its metadata {extra})"
+            )
         centroids, mean, std = arrays["centroids"], arrays["mean"], arrays["std"]
         expected = (teacher.n_codebooks, teacher.codebook_size, teacher.n_mels)
         if centroids.shape != expected or mean.shape != (teacher.n_mels,) or std.shape != (teacher.n_mels,):
@@ -312,6 +363,8 @@ class KMeansTeacher(BatchedTeacher):
                 f"{source}: array shapes {centroids.shape}, {mean.shape}, {std.shape} do not match its metadata "
                 f"(centroids {expected})"
             )
+        if not all(np.isfinite(a).all() for a in (centroids, mean, std)) or not (std > 0).all():
+            raise CheckpointError(f"{source}: centroids, mean or std hold NaN/inf values or a std <= 0")
         teacher.centroids = centroids.astype(np.float32)
         teacher.mean, teacher.std = mean.astype(np.float32), std.astype(np.float32)
         teacher.n_frames_fitted = int(meta.get("n_frames_fitted", 0))

@@ -18,6 +18,7 @@ from culturemert.label_grid import crop_samples
 from culturemert.config import StrictModel, load_yaml, parse_config
 from culturemert.errors import ConfigError
 from culturemert.objective import ObjectiveConfig
+from culturemert.train.mert_sizes import declared_size, warn_size_mismatches
 from culturemert.train.param_groups import check_pattern
 from culturemert.data.loader import MixtureSpec
 
@@ -222,6 +223,8 @@ class Recipe(StrictModel):
         for s in self.stages:
             if s.crop_samples <= 400:
                 raise ValueError(f"stage {s.name!r}: crop_seconds {s.crop_seconds:g} is shorter than one frame")
+        size = declared_size(self)  # the base's published MERT values, e.g. a 330M base with 95M defaults
+        warn_size_mismatches(self, size, f"base {self.base.preset or self.base.source}")
         return self
 
 
@@ -272,10 +275,15 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def check_recipe_paths(recipe: Recipe) -> None:
-    """Fail before any compute when a named path is missing."""
+    """Fail before any compute when a named path is missing or the data directories were tokenised by different
+    teachers (:class:`ConfigError` / :class:`DataError`)."""
     for i, d in enumerate(recipe.data.dirs):
         if not (Path(d) / "index.json").is_file():
             raise ConfigError(f"data.dirs.{i}: {d} is not a prepared directory (no index.json); run `culturemert prepare`")
+    if len(recipe.data.dirs) > 1:  # codes of two teachers mean different sounds: refuse before any compute
+        from culturemert.data.loader import check_same_teacher
+
+        check_same_teacher(recipe.data.dirs)
     src = recipe.base.source
     if src is not None and (src.startswith((".", "/", "~")) or Path(src).suffix in (".pt", ".ckpt")):
         if not Path(src).expanduser().exists():

@@ -41,6 +41,7 @@ from culturemert.runtime import derive_seed, resolve_device
 from culturemert.train.checkpoints import LoadedCheckpoint, TrainState, list_checkpoints, load_checkpoint, optimizer_from_files, save_checkpoint
 from culturemert.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from culturemert.train.param_groups import resolve_trainable
+from culturemert.train.mert_sizes import declared_size, model_size, warn_size_mismatches
 from culturemert.train.recipe import Recipe, StageSpec, check_recipe_paths
 from culturemert.train.run_log import RunLog, plot_loss_curve
 from culturemert.train.schedule import lr_at, peak_flops, train_flops_per_clip
@@ -495,6 +496,8 @@ class Trainer:
         barrier(self.dist)
 
         self.model = self._build_model(self.n_codebooks, self.codebook_size)
+        if model_size(self.model) != declared_size(recipe):  # a base whose name hides its size: check its shape
+            warn_size_mismatches(recipe, model_size(self.model), f"base {recipe.base.source or recipe.base.preset}")
         self.state = TrainState(base_fingerprint=model_fingerprint(self.model))
         optimizer_state = None
         ckpt = self._newest_valid_checkpoint() if self.resume == "auto" else None
