@@ -663,3 +663,25 @@ def test_lazy_safetensors_rejects_hostile_headers_before_reading(tmp_path: Path,
     path.write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0" * 8)
     with pytest.raises(CheckpointError, match=message):
         LazySafetensors(path)
+
+
+def test_models_for_different_sample_rates_are_refused_eager_and_lazy(tmp_path: Path) -> None:
+    import copy
+
+    from culturemert.errors import CheckpointError, UserError
+    from culturemert.merge import merge_models
+    from culturemert.merge.job import load_inputs
+    from culturemert.model import model_fingerprint, save_export
+
+    base_dir, model_dirs, base = _tiny_exports(tmp_path, n=1)
+    v0 = copy.deepcopy(base)
+    v0.sample_rate = 16_000  # a MERT-v0-style model: same shapes, another input rate
+    with pytest.raises(CheckpointError, match="runs at 16000 Hz but its preprocessor_config says sampling_rate 24000"):
+        save_export(v0, tmp_path / "v0", base_fingerprint=model_fingerprint(base))
+    v0.preprocessor_config = {**v0.preprocessor_config, "sampling_rate": 16_000}
+    save_export(v0, tmp_path / "v0", base_fingerprint=model_fingerprint(base))
+    for call in (lambda: merge_models(base_dir, [model_dirs[0], tmp_path / "v0"], tmp_path / "out", lambdas=0.3),
+                 lambda: load_inputs(base_dir, [model_dirs[0], tmp_path / "v0"])):
+        with pytest.raises(UserError, match=r"v0 runs at 16000 Hz but .*base at 24000 Hz"):
+            call()
+    assert not (tmp_path / "out").exists()

@@ -445,3 +445,17 @@ def test_two_process_gloo_ddp_equals_one_process(tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
     assert len(list_checkpoints(tmp_path / "ddp" / "checkpoints")) >= 1  # rank 0 wrote them
+
+
+def test_pretraining_refuses_a_base_made_for_another_sample_rate(tmp_path):
+    from culturemert.errors import CheckpointError
+    from culturemert.model import build_model, save_export
+
+    model = build_model("tiny", seed=0)
+    model.sample_rate = 16_000  # MERT-v0-style: its frames would be 50 Hz, off the 75 Hz label grid
+    model.preprocessor_config = {**model.preprocessor_config, "sampling_rate": 16_000}
+    save_export(model, tmp_path / "v0")
+    recipe = tiny_recipe(base={"source": str(tmp_path / "v0")})
+    with pytest.raises(CheckpointError, match="declares sample rate 16000 Hz, but pre-training .* runs at 24000 Hz"):
+        Trainer(recipe, tmp_path / "run", source_factory=factory()).run()
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -26,8 +26,6 @@ from culturemert.corpus.config import (
     CorpusSettingsChanged,
     SplitFractions,
     piece_rng,
-    write_bytes,
-    write_text,
 )
 from culturemert.corpus.parse import ParsedPiece, dedupe_key, mode_tag, parse_task
 from culturemert.corpus.render import (
@@ -41,7 +39,7 @@ from culturemert.corpus.render import (
     renderer_identity,
     resolve_renderer,
 )
-from culturemert.files import json_text
+from culturemert.files import atomic_write_bytes, atomic_write_text, json_text
 from culturemert.workers import ProcessMap
 from culturemert.corpus.sources import PRIMARY_TAG, SOURCE_DESCRIPTIONS, SourcePiece, scan_sources
 
@@ -72,7 +70,7 @@ def _render_task(task: tuple[str, dict[str, Any], str]) -> tuple[str, str | None
         parsed = ParsedPiece.from_json(parsed_json)
         params = piece_render_params(config, piece_id)
         samples = render_piece_audio(renderer, parsed, params, config)
-        write_bytes(Path(path), encode_audio(samples, config.sample_rate, config.audio_format))
+        atomic_write_bytes(Path(path), encode_audio(samples, config.sample_rate, config.audio_format))
         return piece_id, None, renderer.name
     except Exception as exc:  # noqa: BLE001 - reported per piece
         return piece_id, f"{type(exc).__name__}: {exc}", ""
@@ -206,7 +204,7 @@ def _select_and_parse(
             seen_keys[piece.culture].add(key)
             chosen[piece.culture].append((piece, parsed))
     if cache_dirty:
-        write_text(cache_path, json.dumps(cache, separators=(",", ":")) + "\n")
+        atomic_write_text(cache_path, json.dumps(cache, separators=(",", ":")) + "\n")
     for culture, items in chosen.items():
         wanted = config.count_for(culture)
         if len(items) < wanted:
@@ -248,7 +246,7 @@ def build_corpus(config: CorpusConfig, out_dir: str | os.PathLike, progress: boo
             for stale in (out / "audio").rglob("*") if (out / "audio").is_dir() else []:
                 if stale.is_file():
                     stale.unlink()
-        write_text(build_marker, json_text(fingerprint))
+        atomic_write_text(build_marker, json_text(fingerprint))
 
     with ProcessMap(config.workers, initializer=_worker_init, initargs=(config.model_dump_json(),), unit="piece",
                     progress=progress) as runner:
@@ -302,7 +300,7 @@ def _build(config: CorpusConfig, requested: CorpusConfig, out: Path, fingerprint
     for r in rows:
         writer.writerow([r["rel"], r["piece"].culture, r["split"], "|".join(r["tags"])])
     csv_path = out / "corpus.csv"
-    write_text(csv_path, csv_buffer.getvalue())
+    atomic_write_text(csv_path, csv_buffer.getvalue())
 
     detail = io.StringIO()
     writer = csv.writer(detail, lineterminator="\n")
@@ -314,7 +312,7 @@ def _build(config: CorpusConfig, requested: CorpusConfig, out: Path, fingerprint
         scale = params["time_scale"] if r["parsed"].time_unit == "second" else ""
         writer.writerow([p.piece_id, r["rel"], (out / r["rel"]).stat().st_size, p.culture, r["split"], p.source,
                          p.title, params["program"], tempo, scale, params["transpose"], len(r["parsed"].notes)])
-    write_text(out / "pieces.csv", detail.getvalue())
+    atomic_write_text(out / "pieces.csv", detail.getvalue())
 
     per_culture = Counter(r["piece"].culture for r in rows)
     per_split: dict[str, dict[str, int]] = {}
@@ -359,7 +357,7 @@ def _build(config: CorpusConfig, requested: CorpusConfig, out: Path, fingerprint
         "render_failures": dict(sorted(failed.items())),
     }
     json_path = out / "corpus.json"
-    write_text(json_path, json_text(report))
+    atomic_write_text(json_path, json_text(report))
 
     elapsed = time.perf_counter() - started
     summary = CorpusSummary(

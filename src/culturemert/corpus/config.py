@@ -4,7 +4,6 @@ seeded helpers every stage of the build shares."""
 from __future__ import annotations
 
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +14,6 @@ from pydantic import Field, field_validator, model_validator
 from culturemert.label_grid import SAMPLE_RATE
 from culturemert.config import StrictModel
 from culturemert.errors import DataError
-from culturemert.files import atomic_write_bytes
 from culturemert.runtime import derive_seed
 
 log = logging.getLogger(__name__)
@@ -152,26 +150,6 @@ def _stable_int(*parts: Any) -> int:
 def piece_rng(*parts: Any) -> np.random.Generator:
     """A numpy generator seeded from ``parts`` (e.g. seed, piece id): the same piece gets the same numbers in any worker."""
     return np.random.default_rng(_stable_int(*parts))
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
-
-
-def write_bytes(path: Path, data: bytes) -> None:
-    """Write a corpus file atomically with the permissions the user's umask gives a new file."""
-    # mkstemp makes 0600 files; the corpus gets ordinary permissions
-    atomic_write_bytes(path, data, file_mode=0o666 & ~_UMASK)
-
-
-def write_text(path: Path, text: str) -> None:
-    """UTF-8 text through :func:`write_bytes`."""
-    write_bytes(path, text.encode("utf-8"))
 
 
 def koma53_to_semitones(koma53: float) -> float:

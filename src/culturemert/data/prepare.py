@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from culturemert.audio import (
     probe_audio,
 )
 from culturemert.workers import ProcessMap
-from culturemert.files import atomic_write, fsync_dir as _fsync_dir, json_text, save_npy_atomic, write_json_atomic
+from culturemert.files import atomic_write, fsync_dir as _fsync_dir, json_text, make_temp_dir, save_npy_atomic, write_json_atomic
 from culturemert.config import StrictModel, parse_config
 from culturemert.errors import ConfigError, DataError
 from culturemert.data.manifest import ManifestRow, read_manifest
@@ -487,7 +486,7 @@ def _fit_phase(run: _PrepareRun, teacher: Teacher) -> Teacher:
             else f" (all of them; the {settings.kmeans_fit_seconds:g}-s budget is not reached)",
         )
         teacher.fit(_iter_fit_waveforms(out, windows), n_frames_max, settings.seed)
-        tmp_dir = Path(tempfile.mkdtemp(prefix=".teacher.", suffix=".tmp", dir=out))
+        tmp_dir = make_temp_dir(out, prefix=".teacher.", suffix=".tmp")
         teacher.save(tmp_dir / "kmeans.safetensors")
         for p in tmp_dir.iterdir():
             with open(p, "rb") as f:

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,7 +30,7 @@ import numpy as np
 import torch
 
 from culturemert.errors import DataError
-from culturemert.files import atomic_write_text, save_npy_atomic
+from culturemert.files import atomic_path, atomic_write_text, save_npy_atomic
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +172,7 @@ def write_features(
     else:
         n_layers, dim = meta["num_layers"], meta["dim"]
     n_chunks = sum(a.shape[0] for a in arrays)
-    fd, tmp = tempfile.mkstemp(prefix=".features.npy.", suffix=".tmp", dir=out_dir)
-    os.close(fd)
-    try:
+    with atomic_path(out_dir / "features.npy") as tmp:
         mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_chunks, n_layers, dim))
         pos = 0
         for a in arrays:
@@ -184,12 +180,6 @@ def write_features(
             pos += a.shape[0]
         mm.flush()
         del mm
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out_dir / "features.npy")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     chunk_track = np.concatenate([np.full(a.shape[0], t, dtype=np.int64) for t, a in enumerate(arrays)]) if arrays else np.zeros(0, np.int64)
     save_npy_atomic(out_dir / "chunk_track.npy", chunk_track)
     labels = np.stack([label_row(it.tags, vocabulary) for it in items]) if items else np.zeros((0, len(vocabulary)), np.uint8)

@@ -52,6 +52,17 @@ def _recorded_base_fingerprint(source: str) -> str | None:
     return str(value) if value else None
 
 
+def _check_same_rate(labelled: Sequence[tuple[Any, Any]]) -> None:
+    """Models made for different input rates (MERT-v0 at 16 kHz, MERT-v1 at 24 kHz) share no weight space."""
+    rates = [(str(source), int(getattr(model, "sample_rate"))) for source, model in labelled]
+    for source, rate in rates[1:]:
+        if rate != rates[0][1]:
+            raise UserError(
+                f"{source} runs at {rate} Hz but {rates[0][0]} at {rates[0][1]} Hz; models for different sample rates "
+                "cannot be merged"
+            )
+
+
 def _check_recorded_bases(base_source: Any, base_fp: str | None, model_sources: Sequence[Any], allow_unrelated: bool) -> None:
     for source in model_sources if base_source is not None else ():
         recorded = _recorded_base_fingerprint(str(source))
@@ -93,6 +104,7 @@ def load_inputs(
         fingerprints.append(model_fingerprint(model))
     base = load_model(str(base_source)) if base_source is not None else models[0]
     base_fp = model_fingerprint(base) if base_source is not None else None
+    _check_same_rate(([(base_source, base)] if base_source is not None else []) + list(zip(model_sources, models)))
     _check_recorded_bases(base_source, base_fp, model_sources, allow_unrelated)
 
     def make_output(with_heads: bool) -> Any:
@@ -130,6 +142,7 @@ def open_inputs_lazily(
         if not export.fingerprint:
             raise UserError(f"{export.directory}: the export records no fingerprint; re-export it with culturemert")
     base_fp = base.fingerprint if base_source is not None else None
+    _check_same_rate(([(base_source, base)] if base_source is not None else []) + list(zip(model_sources, exports)))
     _check_recorded_bases(base_source, base_fp, model_sources, allow_unrelated)
     return LoadedInputs(
         base_source=str(base_source) if base_source is not None else None,

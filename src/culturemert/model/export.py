@@ -360,7 +360,8 @@ def save_export(
     Files and directory get the umask's default permissions.
 
     Raises:
-        CheckpointError: ``out_dir`` exists and ``overwrite`` is false; OSError (named) on write failures.
+        CheckpointError: ``out_dir`` exists and ``overwrite`` is false, or ``model.sample_rate`` contradicts its
+            ``preprocessor_config``; OSError (named) on write failures.
     """
     out = Path(out_dir)
     if out.exists() and not overwrite:
@@ -368,6 +369,11 @@ def save_export(
     out.parent.mkdir(parents=True, exist_ok=True)
     sample_rate = int(getattr(model, "sample_rate"))
     preprocessor = dict(getattr(model, "preprocessor_config"))
+    if preprocessor.get("sampling_rate") not in (None, sample_rate):
+        raise CheckpointError(
+            f"{out}: the model runs at {sample_rate} Hz but its preprocessor_config says sampling_rate "
+            f"{preprocessor['sampling_rate']}; set both before exporting (an export must not contradict itself)"
+        )
     frame_rate = sample_rate / math.prod(int(s) for s in model.config.conv_stride)
     tmp = make_temp_dir(out.parent, prefix=f".{out.name}.")
     try:

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
-from culturemert.files import fsync_dir as _fsync_path, sha256_file as _sha256
+from culturemert.files import apply_default_modes, fsync_dir as _fsync_path, sha256_file as _sha256
 from culturemert.errors import CheckpointError, UserError
 from culturemert.model import MertPretrainModel
 
@@ -133,6 +133,7 @@ def save_checkpoint(
         (tmp / "state.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
         (tmp / "manifest.json").write_text(json.dumps({"format": CHECKPOINT_FORMAT, "files": files}, indent=1))
+        apply_default_modes(tmp)  # safetensors writes 0600 files; a checkpoint gets the umask's modes
         for p in tmp.iterdir():
             with open(p, "rb") as fh:
                 os.fsync(fh.fileno())

@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from culturemert.errors import CheckpointError, ConfigError, UserError
-from culturemert.model import HeadsConfig, MertPretrainModel, PretrainingHeads, build_model, model_fingerprint
+from culturemert.label_grid import SAMPLE_RATE
+from culturemert.model import HeadsConfig, MertPretrainModel, PretrainingHeads, build_model, check_sample_rate, model_fingerprint
 from culturemert.objective import MertObjective
 from culturemert.runtime import derive_seed, resolve_device
 from culturemert.train.checkpoints import LoadedCheckpoint, TrainState, list_checkpoints, load_checkpoint, optimizer_from_files, save_checkpoint
@@ -151,6 +152,7 @@ class Trainer:
         from culturemert.model import load_model
 
         model = load_model(base.source)  # type: ignore[arg-type]
+        check_sample_rate(model, SAMPLE_RATE, "pre-training on the 75 Hz label grid", str(base.source))
         heads = model.heads
         matches = heads is not None and (heads.config.n_codebooks, heads.config.codebook_size) == (
             n_codebooks,
