@@ -36,7 +36,7 @@ from culturemert.train import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "recipes" / "tiny-test.yaml"
+TINY = REPO / "src" / "culturemert" / "recipes" / "tiny-test.yaml"
 
 
 def tiny_recipe(**changes) -> Recipe:
@@ -121,10 +121,14 @@ def test_lr_schedule_equals_hand_values():
 
 # ============================================================================================ recipes
 def test_shipped_recipes_parse():
-    for path in sorted((REPO / "recipes").glob("*.yaml")):
-        recipe = load_recipe(path)
+    from culturemert.train import shipped_recipes
+
+    names = shipped_recipes()
+    assert {"culturemert-95m", "single-culture-95m", "tiny-test", "quickstart/cpt", "quickstart/base"} <= set(names)
+    for name in names:
+        recipe = load_recipe(name)
         assert recipe.stages and all(s.global_clips() >= 1 for s in recipe.stages)
-    paper = load_recipe(REPO / "recipes" / "culturemert-95m.yaml")
+    paper = load_recipe("culturemert-95m")
     s1, s2 = paper.stages
     assert s1.mixture.replay == {"western": 0.2} and "all" not in s1.trainable and s2.trainable == ["all"]
     assert s1.crop_seconds == 5 and s1.optimizer.betas == (0.9, 0.98) and s1.optimizer.eps == 1e-6
