@@ -86,8 +86,11 @@ class LevelTeacher:
         return np.stack([level, zc], axis=1)
 
 
-def make_prepared_dir(root, cultures=("western", "makam"), files_per_culture=2, seconds=3.0, seed=0):
-    """Synthetic tone files -> manifest -> ``culturemert.data.prepare`` with :class:`LevelTeacher`."""
+def make_prepared_dir(root, cultures=("western", "makam"), files_per_culture=2, seconds=3.0, seed=0, valid_files=0):
+    """Synthetic tone files -> manifest -> ``culturemert.data.prepare`` with :class:`LevelTeacher`.
+
+    The last ``valid_files`` files of each culture go to the ``valid`` split (held-out crops for validation).
+    """
     import soundfile as sf
 
     from culturemert.data import prepare
@@ -106,7 +109,8 @@ def make_prepared_dir(root, cultures=("western", "makam"), files_per_culture=2, 
             wav = (amp * np.sin(2 * np.pi * np.cumsum(freq) / SR)).astype(np.float32)
             path = root / "audio" / f"{culture}-{f}.wav"
             sf.write(path, wav, SR, subtype="PCM_16")
-            lines.append(f"{path},{culture},train")
+            split = "valid" if f >= files_per_culture - valid_files else "train"
+            lines.append(f"{path},{culture},{split}")
     manifest = root / "manifest.csv"
     manifest.write_text("\n".join(lines) + "\n")
     out = root / "prepared"

@@ -600,7 +600,7 @@ class Monitor:
                 "stage_step": st.stage_step, "cultures": results, "new_mean": value, "metric": spec.metric,
                 "limits": self._limits(index), "seconds": seconds,
             })
-            self._track_best(index, value)
+            self._track_best(index, value, results)
         if reference:
             self._keep_last_good(index)
         else:
@@ -620,7 +620,7 @@ class Monitor:
         values = [results[c][metric] for c in self.plan.new if c in results]
         return float(sum(values) / len(values)) if values else float("nan")
 
-    def _track_best(self, index: int, value: float) -> None:
+    def _track_best(self, index: int, value: float, results: Mapping[str, Any]) -> None:
         spec = self.plan.spec
         assert spec is not None
         if not spec.best_export or not math.isfinite(value):
@@ -629,7 +629,7 @@ class Monitor:
         if best is not None and value >= best["value"]:
             return
         self._mstate["best"] = {"global_step": self.trainer.state.global_step, "value": value,
-                                "stage": self.trainer.recipe.stages[index].name}
+                                "stage": self.trainer.recipe.stages[index].name, "cultures": dict(results)}
         self.trainer._export(index, name="best")
 
     def _keep_last_good(self, index: int) -> None:
