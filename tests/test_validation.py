@@ -259,9 +259,9 @@ def test_pretrain_check_reports_the_validation_set_by_shipped_name(prepared_with
     assert main(["pretrain", "tiny-test", f"data.dirs=[{prepared_with_valid}]", "--check"]) == 0
     out = capsys.readouterr().out
     assert "tiny-test.yaml: ok (2 stage(s), 8 steps)" in out
-    assert "data: 1 dir(s), teacher level-zc (2 x 16), split 'train': makam 0.00 h, western 0.00 h" in out
+    assert "data: 1 dir(s), teacher level-zc (2 x 16), split 'train': makam 0.1 min, western 0.1 min" in out
     assert "validation: split 'valid', 4 crops x 1 s per culture (4 s), every 4 steps + stage starts/ends = 4 points" in out
-    assert "  makam: 4 crops (4 s) from 0.00 h of held-out audio" in out and "  western: 4 crops" in out
+    assert "  makam: 4 crops (4 s) from 0.1 min of held-out audio" in out and "  western: 4 crops" in out
     assert "forgetting alarm: western, tolerance 5 % of the stage's starting value, action warn" in out
     assert "best export: mean loss over makam" in out
     assert not (tmp_path / "o").exists()

@@ -49,6 +49,7 @@ def _check_report(recipe, recipe_path) -> list[str]:
     from culturemert.data import PreparedDataset
     from culturemert.errors import ConfigError
     from culturemert.train import plan_validation
+    from culturemert.train.validation import format_duration
 
     datasets = [PreparedDataset(d) for d in recipe.data.dirs]
     teachers = {(d.teacher.get("name"), d.n_codebooks, d.codebook_size) for d in datasets}
@@ -65,7 +66,7 @@ def _check_report(recipe, recipe_path) -> list[str]:
     lines = [
         f"{recipe_path}: ok ({len(recipe.stages)} stage(s), {total} steps)",
         f"data: {len(datasets)} dir(s), teacher {tname} ({n_cb} x {size}), split {recipe.data.split!r}: "
-        + ", ".join(f"{c} {h:.2f} h" for c, h in sorted(hours.items())),
+        + ", ".join(f"{c} {format_duration(h * 3600)}" for c, h in sorted(hours.items())),
     ]
     lines += plan_validation(recipe, datasets=datasets).describe()
     return lines

@@ -113,6 +113,11 @@ class ValidateSpec(StrictModel):
         return self
 
 
+def format_duration(seconds: float) -> str:
+    """``12.3 h`` from an hour up, ``4.5 min`` below (held-out audio of small corpora is minutes)."""
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
 def validation_seed(recipe_seed: int) -> int:
     """The seed of the validation crops and masks of a run with ``recipe_seed`` (the quickstart uses it too)."""
     return derive_seed(recipe_seed, "validate") % (2**31)
@@ -389,7 +394,7 @@ class ValidationPlan:
             f"metric {spec.metric}"
         ]
         for name, c in sorted(vset.cultures.items()):
-            held = f" from {c.heldout_seconds / 3600:.2f} h of held-out audio" if c.heldout_seconds is not None else ""
+            held = f" from {format_duration(c.heldout_seconds)} of held-out audio" if c.heldout_seconds is not None else ""
             lines.append(f"  {name}: {c.crops} crops ({c.crops * self.crop_seconds:g} s){held}")
         for name, why in sorted(vset.missing.items()):
             lines.append(f"  not validated: {name} ({why})")
