@@ -93,7 +93,7 @@ class QuickstartConfig(StrictModel):
     heldout_crops: int = Field(48, ge=1)  # per culture, for the held-out table of every model
     validation_crops: int | None = Field(None, ge=1)  # per culture during training; None: the recipes' value
     embed_window_s: float = Field(5.0, gt=0)
-    # Probe on the first 5 s of each piece (one window), as feasibility.md did: it keeps the evaluation of five
+    # Probe on the first 5 s of each piece (one window): it keeps the evaluation of five
     # models inside the CPU budget; the rendered pieces loop their tune, so 5 s already hold several bars.
     embed_max_seconds: float | None = Field(5.0, gt=0)
     workers: int = Field(2, ge=1)
