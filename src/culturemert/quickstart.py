@@ -90,7 +90,7 @@ class QuickstartConfig(StrictModel):
     probe_hidden: int = Field(128, ge=1)
     probe_lrs: list[float] = Field(default_factory=lambda: [5e-4, 5e-3], min_length=1)
     task_top_n: int = Field(12, ge=2)
-    heldout_crops: int = Field(48, ge=1)  # per culture, for the held-out table of every model
+    heldout_crops: int = Field(96, ge=1)  # per culture, for the held-out table of every model
     validation_crops: int | None = Field(None, ge=1)  # per culture during training; None: the recipes' value
     embed_window_s: float = Field(5.0, gt=0)
     # Probe on the first 5 s of each piece (one window): it keeps the evaluation of five

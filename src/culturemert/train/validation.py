@@ -5,12 +5,12 @@ The question a continual pre-training run has to answer while it runs is "is the
 traditions, and is it forgetting the old one?". The answer is the masked-prediction loss (and accuracy, and the
 CQT loss) on *held-out* crops of each culture, measured on the same crops with the same masks at every point:
 
-* the **validation set** (:class:`ValidationSet`) is ``validate.crops_per_culture`` crops of ``crop_seconds`` from
-  the ``validate.split`` split of every prepared directory (replay data included), drawn once by the crop loader
-  from a seed derived from the recipe's seed, in fixed batches of ``validate.batch_clips``; each batch has its own
-  mask, drawn from a generator seeded by (seed, culture, batch), and no noise mixture (``train=False``). Batch
-  ``k`` of a culture is a pure function of the data and the seed, so every point, every resumed run and every
-  world size sees the same crops and masks;
+* the **validation set** (:class:`ValidationSet`) is ``validate.crops_per_culture`` crops of ``crop_seconds`` per
+  culture, spread evenly over the ``validate.split`` items of every prepared directory (replay data included), in
+  fixed batches of ``validate.batch_clips``; each batch has its own mask, drawn from a generator seeded by (seed
+  derived from the recipe's, culture, batch), and no noise mixture (``train=False``). Batch ``k`` of a culture is
+  a pure function of the data and the seed, so every point, every resumed run and every world size sees the same
+  crops and masks;
 * :func:`evaluate_validation_set` runs the model (eval mode, no gradients) on those batches; under torchrun batch
   ``j`` goes to rank ``j mod world``, each rank sums masked-frame counts, per-codebook cross-entropy sums, correct
   counts and CQT squared errors, and one all-reduce gives every rank the same totals;
@@ -176,6 +176,41 @@ class ValidationSet:
         return [(name, k) for name in sorted(self.cultures) for k in range(self.cultures[name].n_batches)]
 
 
+def _spread_crops(datasets: Sequence[Any], rows: list[tuple[int, int]], crops: int, crop_samples: int) -> list[tuple[int, int, int]]:
+    """``crops`` crop positions spread evenly over the concatenated 320-sample grid positions of ``rows``
+    ((dataset, item) pairs): crop ``j`` takes position ``floor((j + 0.5) * N / crops)`` of the ``N`` in total, so
+    every item gets crops in proportion to its length and no position is taken twice while ``crops <= N``."""
+    from culturemert.label_grid import HOP_LENGTH
+
+    n_pos = np.array([max((int(datasets[d].length[i]) - crop_samples) // HOP_LENGTH + 1, 1) for d, i in rows])
+    bounds = np.concatenate([[0], np.cumsum(n_pos)])
+    total = int(bounds[-1])
+    out = []
+    for j in range(crops):
+        g = min(int((j + 0.5) * total / crops), total - 1)
+        r = int(np.searchsorted(bounds, g, side="right") - 1)
+        out.append((rows[r][0], rows[r][1], (g - int(bounds[r])) * HOP_LENGTH))
+    return out
+
+
+def _crop_batch(datasets: Sequence[Any], crops: list[tuple[int, int, int]], crop_samples: int) -> dict[str, np.ndarray]:
+    """The audio and codes of ``crops`` ((dataset, item, start sample)); short items are zero-padded with PAD_CODE labels."""
+    from culturemert.audio import int16_to_float
+    from culturemert.data.loader import PAD_CODE
+    from culturemert.label_grid import HOP_LENGTH
+
+    frames = crop_samples // HOP_LENGTH
+    n_cb = datasets[crops[0][0]].n_codebooks
+    wav = np.zeros((len(crops), crop_samples), np.float32)
+    codes = np.full((len(crops), n_cb, frames), PAD_CODE, np.int64)
+    for b, (d, i, start) in enumerate(crops):
+        audio = datasets[d].audio(i)[start : start + crop_samples]
+        int16_to_float(audio, out=wav[b, : audio.size])
+        part = datasets[d].codes(i)[:, start // HOP_LENGTH : start // HOP_LENGTH + frames]
+        codes[b, :, : part.shape[1]] = part
+    return {"wav": wav, "codes": codes}
+
+
 def prepared_validation_set(
     datasets: Sequence[Any],
     *,
@@ -187,24 +222,26 @@ def prepared_validation_set(
     short_items: Literal["skip", "pad"] = "skip",
     cultures: Sequence[str] | None = None,
 ) -> ValidationSet:
-    """The validation set of prepared directories: per culture, a crop loader over the ``split`` items of every
-    directory (cultures pooled across directories, as in training) drawing ``batch_clips`` crops per batch.
+    """The validation set of prepared directories: per culture, ``crops_per_culture`` crops spread evenly over the
+    ``split`` items of every directory (cultures pooled across directories, as in training; items in directory
+    and index order, weight-0 items left out, items shorter than the crop only with ``short_items="pad"``).
 
-    ``datasets`` are :class:`culturemert.data.PreparedDataset` objects. A culture without usable held-out items
-    goes to ``missing`` with the reason; ``cultures`` restricts the set (the others are ignored, not missing).
+    Evenly spread, not drawn at random: random crops of a few minutes of held-out audio move a culture's loss by
+    tenths of a nat from one crop set to another; spread crops cover every held-out item in proportion to its
+    length. ``seed`` only seeds the masks. ``datasets`` are :class:`culturemert.data.PreparedDataset` objects. A
+    culture without usable held-out items goes to ``missing`` with the reason; ``cultures`` restricts the set
+    (the others are ignored, not missing).
     """
-    from culturemert.data import MixtureLoader, MixtureSpec
-
     everywhere: set[str] = set()
     heldout: dict[str, float] = {}
-    usable: dict[str, int] = {}
-    for d in datasets:
+    rows: dict[str, list[tuple[int, int]]] = {}
+    for d_i, d in enumerate(datasets):
         everywhere.update(str(c) for c in d.culture)
-        keep = (d.split == split) & (d.weight > 0)
-        for c, length in zip(d.culture[keep], d.length[keep]):
-            heldout[str(c)] = heldout.get(str(c), 0.0) + float(length) / d.sample_rate
-            if short_items == "pad" or length >= crop_samples:
-                usable[str(c)] = usable.get(str(c), 0) + 1
+        for i in np.flatnonzero((d.split == split) & (d.weight > 0)):
+            c = str(d.culture[i])
+            heldout[c] = heldout.get(c, 0.0) + float(d.length[i]) / d.sample_rate
+            if short_items == "pad" or d.length[i] >= crop_samples:
+                rows.setdefault(c, []).append((d_i, int(i)))
     wanted = sorted(everywhere) if cultures is None else list(cultures)
     out: dict[str, HeldOutCulture] = {}
     missing: dict[str, str] = {}
@@ -213,14 +250,15 @@ def prepared_validation_set(
             missing[culture] = "not in the prepared data"
         elif culture not in heldout:
             missing[culture] = f"no items in split {split!r}"
-        elif culture not in usable:
+        elif culture not in rows:
             missing[culture] = f"every {split!r} item is shorter than the {crop_samples / 24000:g}-s crop"
         else:
-            loader = MixtureLoader(
-                list(datasets), MixtureSpec(sources={culture: 1.0}), batch_size=batch_clips, crop_samples=crop_samples,
-                seed=derive_seed(seed, "validate-crops", culture) % (2**31), split=split, short_items=short_items,
-            )
-            out[culture] = HeldOutCulture(culture, crops_per_culture, batch_clips, crop_samples, loader.batch, heldout[culture])
+            spread = _spread_crops(datasets, rows[culture], crops_per_culture, crop_samples)
+
+            def draw(k: int, spread=spread) -> dict[str, np.ndarray]:
+                return _crop_batch(datasets, spread[k * batch_clips : (k + 1) * batch_clips], crop_samples)
+
+            out[culture] = HeldOutCulture(culture, crops_per_culture, batch_clips, crop_samples, draw, heldout[culture])
     return ValidationSet(out, split, seed, missing)
 
 
@@ -500,11 +538,7 @@ class Monitor:
         self.trainer = trainer
         self.plan = plan
         self._seconds = 0.0
-        if not plan.enabled:
-            log.warning("%s", plan.describe()[0])
-        else:
-            for line in plan.describe():
-                log.info("%s", line)
+        self._announced = False
         trainer.run_log.protected = list(plan.protected)
         trainer.run_log.new = list(plan.new)
 
@@ -518,8 +552,20 @@ class Monitor:
         return self.plan.enabled
 
     # -- hooks called by the trainer -----------------------------------------------------------------------
+    def _announce(self) -> None:
+        """Say once per process what will be validated (after the run log is open, so train.log has it too)."""
+        if self._announced:
+            return
+        self._announced = True
+        if not self.enabled:
+            log.warning("%s", self.plan.describe()[0])
+        else:
+            for line in self.plan.describe():
+                log.info("%s", line)
+
     def stage_start(self, index: int) -> None:
         """At a stage's first step: validate (unless this global step already was) and take the alarm's reference."""
+        self._announce()
         if not self.enabled or self.trainer.state.stage_step != 0:
             return
         if str(index) not in self._mstate.setdefault("reference", {}):
