@@ -10,7 +10,9 @@ mixture. :class:`Trainer` runs the stages in one process or under ``torchrun`` (
 * checkpoints are directories written to a temp name, fsynced, then renamed; ``manifest.json`` holds the
   sha256 of every file and is verified on load; only tensors (safetensors) and JSON are written;
 * non-finite losses/gradients and loss spikes skip the step; ``faults.max_bad_steps`` bad steps in a row roll
-  back to the newest good checkpoint with the LR scaled by ``faults.rollback_lr_factor``.
+  back to the newest good checkpoint with the LR scaled by ``faults.rollback_lr_factor``;
+* held-out validation per culture, the per-culture training loss, the forgetting alarm and ``exports/best``
+  (:mod:`culturemert.train.validation`) hook in at each stage's start and after each step.
 
 The global batch is the same whatever the world size and micro-batch: every rank draws the whole batch,
 applies the (cheap) noise mixture and span masks to it, and then trains on its own disjoint rows, split into
@@ -549,7 +551,8 @@ class Trainer:
         return optimizer_state
 
     def run(self) -> Path | None:
-        """Run (or continue) the recipe. Returns the final export dir, or None when stopped by ``max_steps``."""
+        """Run (or continue) the recipe. Returns the final export dir, None when stopped by ``max_steps``, or
+        ``exports/last-good`` when the forgetting alarm stopped the run (then :attr:`stopped` says why)."""
         optimizer_state = self.setup()
         self.run_log.open(self.state.global_step if self.resumed_from is not None else -1)
         if self.resumed_from is not None:
