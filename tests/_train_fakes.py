@@ -86,8 +86,11 @@ class LevelTeacher:
         return np.stack([level, zc], axis=1)
 
 
-def make_prepared_dir(root, cultures=("western", "makam"), files_per_culture=2, seconds=3.0, seed=0):
-    """Synthetic tone files -> manifest -> ``culturemert.data.prepare`` with :class:`LevelTeacher`."""
+def make_prepared_dir(root, cultures=("western", "makam"), files_per_culture=2, seconds=3.0, seed=0, valid_files=0):
+    """Synthetic tone files -> manifest -> ``culturemert.data.prepare`` with :class:`LevelTeacher`.
+
+    The last ``valid_files`` files of each culture go to the ``valid`` split (held-out crops for validation).
+    """
     import soundfile as sf
 
     from culturemert.data import prepare
@@ -106,9 +109,67 @@ def make_prepared_dir(root, cultures=("western", "makam"), files_per_culture=2, 
             wav = (amp * np.sin(2 * np.pi * np.cumsum(freq) / SR)).astype(np.float32)
             path = root / "audio" / f"{culture}-{f}.wav"
             sf.write(path, wav, SR, subtype="PCM_16")
-            lines.append(f"{path},{culture},train")
+            split = "valid" if f >= files_per_culture - valid_files else "train"
+            lines.append(f"{path},{culture},{split}")
     manifest = root / "manifest.csv"
     manifest.write_text("\n".join(lines) + "\n")
     out = root / "prepared"
     prepare(manifest, out, LevelTeacher(), progress=False)
     return out
+
+
+class CultureSource(SyntheticSource):
+    """:class:`SyntheticSource` with named cultures and a held-out split, for validation tests.
+
+    Every culture has the same audio distribution; culture ``c``'s codes are the synthetic codes plus
+    ``offsets[c]`` (mod 16), so a model trained on one culture's labelling predicts another's badly: training on
+    one culture only makes the others' loss rise. ``mixture`` (culture -> probability) picks each clip's culture;
+    held-out batches come from a disjoint seed range.
+    """
+
+    def __init__(self, clips, crop_samples, seed=0, *, mixture, offsets, levels=4, frames_per_note=25, **kw):
+        super().__init__(clips, crop_samples, seed=seed, levels=levels, frames_per_note=frames_per_note, **kw)
+        self.mixture = dict(mixture)
+        self.offsets = dict(offsets)
+        self.held_out_calls = 0
+
+    def hours(self):
+        return {c: 1.0 for c in self.offsets}
+
+    def _labelled(self, step: int, cultures: list[str], stream: int) -> dict:
+        base = SyntheticSource.batch(self, step + stream)
+        codes = base["codes"].copy()
+        for b, c in enumerate(cultures):
+            codes[b] = (codes[b] + self.offsets[c]) % self.codebook_size
+        return {"wav": base["wav"], "codes": codes, "culture": cultures}
+
+    def batch(self, step: int) -> dict:
+        rng = np.random.default_rng([self.seed, step, 7])
+        names = sorted(self.mixture)
+        p = np.array([self.mixture[n] for n in names], float)
+        cultures = [names[i] for i in rng.choice(len(names), size=self.clips, p=p / p.sum())]
+        return self._labelled(step, cultures, 0)
+
+    def held_out(self, spec, crop_samples, seed):
+        from culturemert.train.validation import HeldOutCulture, ValidationSet
+
+        self.held_out_calls += 1
+        cultures = {}
+        for c_i, culture in enumerate(sorted(self.offsets)):
+            if spec.cultures is not None and culture not in spec.cultures:
+                continue
+            held = CultureSource(spec.batch_clips, crop_samples, seed=10_000 + seed % 1000 + c_i, mixture={culture: 1},
+                                 offsets=self.offsets, levels=self.levels, frames_per_note=self.frames_per_note)
+            cultures[culture] = HeldOutCulture(culture, spec.crops_per_culture, spec.batch_clips, crop_samples,
+                                               lambda k, h=held, c=culture: h._labelled(k, [c] * h.clips, 1_000_000))
+        return ValidationSet(cultures, spec.split, seed)
+
+
+def culture_factory(mixtures, offsets, **kwargs):
+    """Stage ``i`` draws its clips' cultures from ``mixtures[i]``."""
+
+    def make(recipe, stage, index):
+        return CultureSource(stage.global_clips(), stage.crop_samples, seed=recipe.seed + index,
+                             mixture=mixtures[index], offsets=offsets, **kwargs)
+
+    return make

@@ -37,7 +37,7 @@ from culturemert.errors import DataError, UserError  # noqa: E402
 from culturemert.train import Trainer, list_checkpoints, load_checkpoint  # noqa: E402
 
 REPO = TESTS.parent
-TINY = REPO / "recipes" / "tiny-test.yaml"
+TINY = REPO / "src" / "culturemert" / "recipes" / "tiny-test.yaml"
 SR = 24_000
 tiny_recipe, final_weights, assert_same, metrics = (
     _train_tests.tiny_recipe, _train_tests.final_weights, _train_tests.assert_same, _train_tests.metrics

@@ -36,7 +36,7 @@ from culturemert.train import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "recipes" / "tiny-test.yaml"
+TINY = REPO / "src" / "culturemert" / "recipes" / "tiny-test.yaml"
 
 
 def tiny_recipe(**changes) -> Recipe:
@@ -121,10 +121,14 @@ def test_lr_schedule_equals_hand_values():
 
 # ============================================================================================ recipes
 def test_shipped_recipes_parse():
-    for path in sorted((REPO / "recipes").glob("*.yaml")):
-        recipe = load_recipe(path)
+    from culturemert.train import shipped_recipes
+
+    names = shipped_recipes()
+    assert {"culturemert-95m", "single-culture-95m", "tiny-test", "quickstart/cpt", "quickstart/base"} <= set(names)
+    for name in names:
+        recipe = load_recipe(name)
         assert recipe.stages and all(s.global_clips() >= 1 for s in recipe.stages)
-    paper = load_recipe(REPO / "recipes" / "culturemert-95m.yaml")
+    paper = load_recipe("culturemert-95m")
     s1, s2 = paper.stages
     assert s1.mixture.replay == {"western": 0.2} and "all" not in s1.trainable and s2.trainable == ["all"]
     assert s1.crop_seconds == 5 and s1.optimizer.betas == (0.9, 0.98) and s1.optimizer.eps == 1e-6
@@ -388,7 +392,7 @@ def test_oom_at_micro_batch_one_stops_with_a_clear_message(tmp_path, monkeypatch
 # ============================================================================================ real data + CLI
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    return make_prepared_dir(tmp_path_factory.mktemp("prep"))
+    return make_prepared_dir(tmp_path_factory.mktemp("prep"), files_per_culture=3, valid_files=1)
 
 
 def _cli(args, **kw):
@@ -418,14 +422,28 @@ def test_sigkill_at_random_moments_then_resume_equals_clean_run(tmp_path, prepar
     assert last.wait(timeout=300) == 0, last.stderr.read().decode()
     assert_same(final_weights(tmp_path / "ref"), final_weights(run))
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+    # the validation points too: same steps, same numbers
+    points = [[{k: v for k, v in r.items() if k != "seconds"} for r in metrics(d) if r.get("kind") == "validation"]
+              for d in (tmp_path / "ref", run)]
+    assert [r["global_step"] for r in points[0]] == [0, 3, 4, 8] and points[0] == points[1]
 
 
 # ============================================================================================ DDP
+def _ddp_run(out: str) -> None:
+    """The tiny recipe with validation (3 batches of 2 held-out crops per culture: the ranks split them)."""
+    from _train_fakes import culture_factory
+
+    recipe = tiny_recipe(validate={"every_steps": 2, "crops_per_culture": 6, "batch_clips": 2, "max_overhead": 2.0,
+                                   "forgetting": {"cultures": ["western"], "tolerance": 0.05}})
+    make = culture_factory([{"western": 1, "makam": 1}, {"makam": 1, "western": 1}], {"western": 0, "makam": 8})
+    Trainer(recipe, out, source_factory=make).run()
+
+
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
-        Trainer(tiny_recipe(), out, source_factory=factory()).run()
+        _ddp_run(out)
     finally:
         import torch.distributed as dist
 
@@ -435,7 +453,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_two_process_gloo_ddp_equals_one_process(tmp_path):
-    Trainer(tiny_recipe(), tmp_path / "single", source_factory=factory()).run()
+    _ddp_run(str(tmp_path / "single"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -445,6 +463,20 @@ def test_two_process_gloo_ddp_equals_one_process(tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
     assert len(list_checkpoints(tmp_path / "ddp" / "checkpoints")) >= 1  # rank 0 wrote them
+    # validation: each rank evaluated half of the held-out batches, the all-reduced sums equal one process's;
+    # the per-culture training loss is all-reduced the same way
+    one, two = metrics(tmp_path / "single"), metrics(tmp_path / "ddp")
+    val1 = [r for r in one if r.get("kind") == "validation"]
+    val2 = [r for r in two if r.get("kind") == "validation"]
+    assert [r["global_step"] for r in val1] == [r["global_step"] for r in val2] == [0, 2, 3, 4, 6, 8]
+    for r1, r2 in zip(val1, val2):
+        for culture, m in r1["cultures"].items():
+            assert m["crops"] == r2["cultures"][culture]["crops"] == 6
+            for key in ("loss", "pred_loss", "acc"):
+                assert r2["cultures"][culture][key] == pytest.approx(m[key], rel=1e-4, abs=1e-6), (culture, key)
+    for r1, r2 in zip([r for r in one if "loss" in r], [r for r in two if "loss" in r]):
+        assert r1["culture_clips"] == r2["culture_clips"]
+        assert r2["culture_loss"] == pytest.approx(r1["culture_loss"], rel=1e-4)
 
 
 def test_pretraining_refuses_a_base_made_for_another_sample_rate(tmp_path):

@@ -206,6 +206,10 @@ class ObjectiveOutput:
     loss: torch.Tensor
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
     num_masked: int = 0
+    # Per batch row, detached: "masked" (masked frames), "pred_sum" (CE summed over codebooks and the row's masked
+    # frames) and, with the CQT term, "cqt_sum" (per-frame MSE summed over the row's masked frames). Summed over
+    # any group of rows and divided by its "masked", they give that group's pred_loss / cqt_mse (per culture).
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class MertObjective(nn.Module):
@@ -338,7 +342,20 @@ class MertObjective(nn.Module):
         parts["features_pen"] = penalty.detach()
         parts["masked_frac"] = torch.tensor(num_masked / max(mask.numel(), 1))
         parts["loss"] = total.detach()
-        return ObjectiveOutput(loss=total, parts=parts, num_masked=num_masked)
+        with torch.no_grad():
+            row_of = mask.nonzero(as_tuple=True)[0]  # batch row of each masked frame, in hidden[mask] order
+            n_rows = mask.shape[0]
+            frame_ce = F.cross_entropy(
+                logits.detach().reshape(-1, logits.shape[-1]), (targets + hc.n_special).reshape(-1), reduction="none"
+            ).view(targets.shape).sum(1)
+            rows = {
+                "masked": torch.bincount(row_of, minlength=n_rows).float(),
+                "pred_sum": torch.zeros(n_rows, device=frame_ce.device).index_add_(0, row_of, frame_ce),
+            }
+            if cqt is not None:
+                frame_se = (cqt_pred.detach() - cqt_target).pow(2).mean(1)
+                rows["cqt_sum"] = torch.zeros(n_rows, device=frame_se.device).index_add_(0, row_of, frame_se)
+        return ObjectiveOutput(loss=total, parts=parts, num_masked=num_masked, rows=rows)
 
     def loss(
         self,

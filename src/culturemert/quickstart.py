@@ -4,15 +4,20 @@ Every step calls the same public API (and the same recipe format) that real use 
 
 1. ``corpus``   -- render the music21 corpus (+ SymbTr makam when given) to 24 kHz audio with tags and splits;
 2. ``prepare``  -- one prepared directory per culture; k-means teacher (the base's, when a base is shipped);
-3. ``base``     -- the shipped base (pre-trained from scratch on the Western part with
-                   ``recipes/quickstart/base.yaml``) or, with ``retrain_base``, that recipe run now;
+3. ``base``     -- the shipped base (pre-trained from scratch on the Western part with the shipped recipe
+                   ``quickstart/base``) or, with ``retrain_base``, that recipe run now;
 4. ``cpt``      -- two-stage continual pre-training on the new traditions with 20 % Western replay in stage 1;
 5. ``control``  -- the same stages, steps and learning rates on Western music only (equal compute);
 6. ``single``   -- one single-culture CPT per new tradition (steps split so that together they cost one CPT);
 7. ``merge``    -- task arithmetic of the single-culture models on the base, λ chosen on validation only;
-8. ``evaluate`` -- held-out masked-prediction loss per culture, then MARBLE-protocol probing (5 seeds) of base,
+8. ``evaluate`` -- held-out masked-prediction loss per culture (the trainer's validation code,
+                   :mod:`culturemert.train.validation`, on more crops), then MARBLE-protocol probing of base,
                    control, CPT, merged model and a log-mel-statistics baseline on the corpus' tagging tasks;
-9. ``report``   -- the paper-style table with seed spreads, plots, and ``quickstart.md``.
+9. ``report``   -- the paper-style table with seed spreads, the runs' training/validation curves, and
+                   ``quickstart.md``.
+
+Every input is checked before any work starts (:func:`check_inputs`): the shipped recipes, base and teacher,
+the corpus extra, ``--symbtr``.
 
 What the quickstart can and cannot show is documented in README.md ("What the quickstart shows").
 """
@@ -35,14 +40,17 @@ from pydantic import Field
 from culturemert.label_grid import crop_samples
 from culturemert.config import StrictModel
 from culturemert.errors import ConfigError, DataError
+from culturemert.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
-__all__ = ["QuickstartConfig", "run_quickstart", "heldout_masked_loss", "build_tasks", "SHIPPED_BASE"]
+__all__ = ["QuickstartConfig", "run_quickstart", "heldout_masked_loss", "build_tasks", "check_inputs", "SHIPPED_BASE",
+           "QUICKSTART_RECIPES"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SHIPPED_BASE = PACKAGE_DIR / "assets" / "quickstart"
-RECIPES_DIR = PACKAGE_DIR.parents[1] / "recipes" / "quickstart"
+#: The shipped recipes the quickstart trains with (``culturemert.train.shipped_recipes`` names).
+QUICKSTART_RECIPES = ("quickstart/base", "quickstart/cpt", "quickstart/control", "quickstart/single-culture")
 
 # Tag families probed per culture (the corpus also has subregion tags, too sparse at this size).
 _TASK_PREFIXES = {
@@ -82,9 +90,10 @@ class QuickstartConfig(StrictModel):
     probe_hidden: int = Field(128, ge=1)
     probe_lrs: list[float] = Field(default_factory=lambda: [5e-4, 5e-3], min_length=1)
     task_top_n: int = Field(12, ge=2)
-    heldout_batches: int = Field(6, ge=1)
+    heldout_crops: int = Field(96, ge=1)  # per culture, for the held-out table of every model
+    validation_crops: int | None = Field(None, ge=1)  # per culture during training; None: the recipes' value
     embed_window_s: float = Field(5.0, gt=0)
-    # Probe on the first 5 s of each piece (one window), as feasibility.md did: it keeps the evaluation of five
+    # Probe on the first 5 s of each piece (one window): it keeps the evaluation of five
     # models inside the CPU budget; the rendered pieces loop their tune, so 5 s already hold several bars.
     embed_max_seconds: float | None = Field(5.0, gt=0)
     workers: int = Field(2, ge=1)
@@ -169,63 +178,93 @@ def heldout_masked_loss(
     prepared: dict[str, Path],
     *,
     split: str = "valid",
-    batches: int = 6,
-    batch_size: int = 8,
+    crops_per_culture: int = 48,
+    batch_clips: int = 8,
     crop_seconds: float = 5.0,
-    seed: int = 12345,
+    seed: int = 0,
+    objective: Any = None,
 ) -> dict[str, dict[str, float]]:
-    """Masked-token cross-entropy and accuracy per culture on held-out crops (same crops and masks for every model).
+    """Held-out validation metrics per culture of one model: the trainer's validation code
+    (:func:`culturemert.train.validation.evaluate_validation_set`) on ``crops_per_culture`` crops of the ``split``
+    items of ``prepared`` (culture -> prepared directory), with the crops and masks of a run whose recipe seed is
+    ``seed``. Every model scored with the same arguments sees the same crops and masks.
 
-    This is the SSL-side signal that feasibility.md found CPT to move at toy scale: it says whether a model
-    adapted its pre-training objective to a culture's music, independently of any probe.
+    Returns per culture ``loss``, ``pred_loss``, ``acc``, ``ce_k``/``acc_k``, ``cqt_mse`` (see
+    :mod:`culturemert.train.validation`) plus ``masked_ce`` (= ``pred_loss``) and ``masked_acc`` (= ``acc``).
+    ``objective`` is the run's :class:`~culturemert.objective.ObjectiveConfig` (default: MERT's).
+
+    Raises:
+        DataError: the model has no pre-training heads, or a culture has no held-out crops.
     """
+    from culturemert.data import PreparedDataset
     from culturemert.model import load_model
-    from culturemert.data import MixtureLoader, MixtureSpec
     from culturemert.objective import MertObjective, ObjectiveConfig
     from culturemert.teachers import MertCQT
+    from culturemert.train.validation import evaluate_validation_set, prepared_validation_set, validation_seed
 
-    model = load_model(model_source).eval()
+    model = load_model(model_source)
     if model.heads is None:
         raise DataError(f"{model_source}: no pre-training heads, cannot compute the masked-prediction loss")
-    objective = MertObjective(ObjectiveConfig(), MertCQT())
-    crop = crop_samples(crop_seconds)
-    results: dict[str, dict[str, float]] = {}
-    for culture, directory in prepared.items():
-        loader = MixtureLoader([directory], MixtureSpec(sources={culture: 1.0}), batch_size=batch_size,
-                               crop_samples=crop, seed=seed, split=split)
-        ce, acc, n = 0.0, 0.0, 0
-        for k in range(batches):
-            batch = loader.batch(k)
-            gen = torch.Generator().manual_seed(seed + k)
-            out = objective.loss(model, torch.as_tensor(batch["wav"]), torch.as_tensor(batch["codes"]), gen, train=False)
-            ces = [v for name, v in out.parts.items() if name.startswith("ce_")]
-            accs = [v for name, v in out.parts.items() if name.startswith("acc_")]
-            ce += float(sum(ces)) / max(len(ces), 1)
-            acc += float(sum(accs)) / max(len(accs), 1)
-            n += 1
-        results[culture] = {"masked_ce": ce / n, "masked_acc": acc / n}
-    return results
+    config = objective or ObjectiveConfig()
+    mert_objective = MertObjective(config, MertCQT() if config.cqt_weight > 0 else None)
+    dirs = list(dict.fromkeys(str(d) for d in prepared.values()))
+    vset = prepared_validation_set(
+        [PreparedDataset(d) for d in dirs], split=split, crops_per_culture=crops_per_culture, batch_clips=batch_clips,
+        crop_samples=crop_samples(crop_seconds), seed=validation_seed(seed), cultures=list(prepared),
+    )
+    if vset.missing:
+        raise DataError("no held-out crops for " + "; ".join(f"{c} ({why})" for c, why in vset.missing.items()))
+    results = evaluate_validation_set(model, mert_objective, vset)
+    for metrics in results.values():
+        metrics["masked_ce"], metrics["masked_acc"] = metrics["pred_loss"], metrics["acc"]
+    return {c: results[c] for c in prepared}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # orchestration
 # ----------------------------------------------------------------------------------------------------------
-def _recipe(name: str) -> Path:
-    path = RECIPES_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"quickstart recipe not found: {path} (run the quickstart from a clone of the repository)")
-    return path
+def check_inputs(config: QuickstartConfig) -> None:
+    """Everything the quickstart needs, checked before it renders a single piece.
+
+    Raises:
+        ConfigError: a shipped recipe, the shipped base or teacher is missing (a broken install), or
+            ``symbtr`` does not exist.
+        DataError: the corpus extra (music21, pretty_midi, mido) is not installed.
+    """
+    import importlib.util
+
+    from culturemert.train import resolve_recipe
+
+    for name in QUICKSTART_RECIPES:
+        if name == "quickstart/base" and not config.retrain_base:
+            continue
+        resolve_recipe(name)  # ConfigError naming the shipped recipes when one is missing
+    if not config.retrain_base:
+        for path in (SHIPPED_BASE / "base" / "culturemert.json", SHIPPED_BASE / "teacher" / "kmeans.safetensors"):
+            if not path.is_file():
+                raise ConfigError(f"the shipped quickstart base is incomplete: {path} is missing (reinstall "
+                                  "culturemert, or pass --retrain-base)")
+    if config.symbtr is not None and not Path(config.symbtr).exists():
+        raise ConfigError(f"--symbtr: {config.symbtr} does not exist")
+    missing = [m for m in ("music21", "pretty_midi", "mido") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise DataError(f"the quickstart corpus needs {', '.join(missing)}: pip install 'culturemert[corpus]'")
 
 
 def _train(recipe_name: str, out: Path, overrides: list[str], steps_scale: float = 1.0, progress: bool = True) -> Path:
     from culturemert.train import Trainer, load_recipe
 
-    recipe = load_recipe(_recipe(recipe_name), overrides + ([] if progress else ["runtime.progress=false"]))
+    recipe = load_recipe(f"quickstart/{recipe_name}", overrides + ([] if progress else ["runtime.progress=false"]))
     if steps_scale != 1.0:
         for stage in recipe.stages:
             stage.steps = max(1, int(round(stage.steps * steps_scale)))
             if stage.lr.warmup_steps >= stage.steps:
                 stage.lr.warmup_steps = max(0, stage.steps // 10)
+    shipped_steps = sum(s.steps for s in load_recipe(f"quickstart/{recipe_name}").stages)
+    run_steps = sum(s.steps for s in recipe.stages)
+    if recipe.validate is not None and run_steps < shipped_steps:
+        # smoke runs shorten the stages, not the validation set, and the stage-start/-end points are a fixed cost
+        recipe.validate.max_overhead = recipe.validate.max_overhead * shipped_steps / run_steps
     final = Trainer(recipe, out, resume="auto").run()
     if final is None:
         raise DataError(f"training {recipe_name} into {out} produced no export")
@@ -255,6 +294,7 @@ def run_quickstart(config: QuickstartConfig, out_dir: str | Path, progress: bool
     from culturemert.merge import MergeOptions, merge_models, sweep_merge
     from culturemert.teachers import KMeansTeacher, build_teacher
 
+    check_inputs(config)
     started = time.perf_counter()
     timings: dict[str, float] = {}
     out = Path(out_dir)
@@ -331,6 +371,8 @@ def run_quickstart(config: QuickstartConfig, out_dir: str | Path, progress: bool
     replay = config.base_culture
     sources = "{" + ", ".join(f"{c}: 1" for c in new_cultures) + "}"
     common = [f"base.source={base_model}", f"seed={config.seed}"]
+    if config.validation_crops is not None:
+        common.append(f"validate.crops_per_culture={config.validation_crops}")
     all_dirs = "[" + ", ".join(str(prepared[c]) for c in [*new_cultures, replay]) + "]"
     runs: dict[str, Path] = {}
     if not (models / "cpt" / "culturemert.json").is_file():
@@ -342,8 +384,9 @@ def run_quickstart(config: QuickstartConfig, out_dir: str | Path, progress: bool
         _copy_export(final, models / "cpt")
     runs["cpt"] = models / "cpt"
     if not (models / "control" / "culturemert.json").is_file():
+        # the new traditions' directories are there for validation only: the mixtures draw Western crops alone
         final = _train("control", out / "runs" / "control", common + [
-            f"data.dirs=[{prepared[replay]}]",
+            f"data.dirs={all_dirs}",
             f"stages.0.mixture={{sources: {{{replay}: 1}}}}",
             f"stages.1.mixture={{sources: {{{replay}: 1}}}}",
         ], config.cpt_steps_scale, progress)
@@ -391,8 +434,8 @@ def run_quickstart(config: QuickstartConfig, out_dir: str | Path, progress: bool
     t0 = time.perf_counter()
     heldout = {}
     for name, path in [("base", base_model), ("control", runs["control"]), ("cpt", runs["cpt"]), ("merged-ta", merged)]:
-        heldout[name] = heldout_masked_loss(path, prepared, batches=config.heldout_batches, seed=config.seed + 12345)
-    (out / "heldout_loss.json").write_text(json.dumps(heldout, indent=2))
+        heldout[name] = heldout_masked_loss(path, prepared, crops_per_culture=config.heldout_crops, seed=config.seed)
+    write_json_atomic(out / "heldout_loss.json", heldout)
     lap("heldout-loss", t0)
 
     t0 = time.perf_counter()
@@ -406,21 +449,57 @@ def run_quickstart(config: QuickstartConfig, out_dir: str | Path, progress: bool
     return report
 
 
+def _run_summary(run_dir: Path) -> dict[str, Any]:
+    """What a training run's logs say about validation: alarms, best and last points (empty without validation)."""
+    from culturemert.files import read_jsonl
+
+    summary_path = run_dir / "validation.json"
+    if not summary_path.is_file():
+        return {}
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    alarms = [r["message"] for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("event") == "forgetting"]
+    return {"best": summary.get("best"), "last": summary.get("last"), "new": summary.get("new", []),
+            "protected": summary.get("protected", []), "metric": summary.get("metric"), "alarms": alarms}
+
+
 def write_quickstart_report(out: Path, heldout: dict, timings: dict, config: QuickstartConfig, synthesizer: str,
                             new_cultures: list[str]) -> Path:
+    first = heldout[next(iter(heldout))]
     lines = [
         "# culturemert quickstart",
         "",
         f"Corpus: {', '.join(sorted({*new_cultures, config.base_culture}))} ({synthesizer}); base culture "
         f"(Western, pre-training + replay): **{config.base_culture}**; new traditions: **{', '.join(new_cultures)}**.",
         "",
-        "## Held-out masked-prediction loss per culture (lower is better; valid-split crops, same masks for all)",
+        "## Held-out masked-prediction loss per culture",
         "",
-        "| model | " + " | ".join(heldout[next(iter(heldout))].keys()) + " |",
-        "|---|" + "---|" * len(heldout[next(iter(heldout))]),
+        f"Masked-prediction cross-entropy (nats per masked frame; masked-frame accuracy) on {config.heldout_crops} "
+        "valid-split crops per culture, the same crops and masks for every model (the trainer's validation code; "
+        "lower is better):",
+        "",
+        "| model | " + " | ".join(first.keys()) + " |",
+        "|---|" + "---|" * len(first),
     ]
     for name, per in heldout.items():
         lines.append(f"| {name} | " + " | ".join(f"{v['masked_ce']:.3f} ({100 * v['masked_acc']:.1f} %)" for v in per.values()) + " |")
+    curves = [(name, out / "runs" / name) for name in ("cpt", "control", "base")
+              if (out / "runs" / name / "loss_curve.png").is_file()]
+    if curves:
+        lines += ["", "## Training curves", "",
+                  "Per run: training loss per culture (EMA, raw faint), held-out validation loss per culture during "
+                  f"training ({config.base_culture} protected by the forgetting alarm), learning rate with stage "
+                  "boundaries.", ""]
+        for name, run_dir in curves:
+            lines += [f"![{name} run](runs/{name}/loss_curve.png)", ""]
+            info = _run_summary(run_dir)
+            if info.get("best") and info.get("last"):
+                lines.append(f"- {name}: mean validation {info['metric']} over {', '.join(info['new'])}: "
+                             f"{info['last']['value']:.3f} at the end (exports/final), best {info['best']['value']:.3f} "
+                             f"at global step {info['best']['global_step']} (exports/best)")
+            if info:
+                lines.append(f"- {name}: forgetting alarms ({', '.join(info['protected'])}): "
+                             + ("; ".join(info["alarms"]) if info["alarms"] else "none"))
+            lines.append("")
     report_md = out / "eval" / "report" / "report.md"
     lines += ["", "## Probing (test split; ROC-AUC / AP in %, mean ± std over probe seeds)", ""]
     if report_md.is_file():
@@ -429,5 +508,6 @@ def write_quickstart_report(out: Path, heldout: dict, timings: dict, config: Qui
     path = out / "quickstart.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     (out / "quickstart.json").write_text(json.dumps({"heldout": heldout, "timings": timings,
+                                                     "runs": {n: _run_summary(d) for n, d in curves},
                                                      "config": json.loads(config.model_dump_json())}, indent=2))
     return path

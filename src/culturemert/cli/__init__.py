@@ -37,6 +37,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Adapt MERT music foundation models to the world's musical traditions.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-V", "--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -50,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     while argv and argv[0] in ("-v", "--verbose"):
         verbose = True
         argv.pop(0)
+    if argv and argv[0] in ("-V", "--version"):
+        from culturemert import __version__
+
+        print(f"culturemert {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         if argv and argv[0] not in ("-h", "--help") and argv[0] not in COMMANDS:
             top.print_usage(sys.stderr)

@@ -1,4 +1,9 @@
-"""``culturemert prepare MANIFEST --out DIR``: decode audio into 24 kHz int16 shards with aligned teacher codes."""
+"""``culturemert prepare MANIFEST --out DIR``: decode audio into 24 kHz int16 shards with aligned teacher codes.
+
+``culturemert prepare FOLDER --culture NAME --out DIR`` takes a folder of audio instead (recursively, every format
+soundfile reads; a small hashed ``valid`` split is held out, see :mod:`culturemert.data.folder`); the manifest it
+implies is written to ``DIR/folder-manifest.csv``.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,17 @@ from culturemert.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("manifest", help="CSV/TSV/JSONL manifest with columns path, culture [, split, weight]")
+    parser.add_argument(
+        "manifest",
+        help="CSV/TSV/JSONL manifest with columns path, culture [, split, weight], or a folder of audio (with --culture)",
+    )
+    parser.add_argument("--culture", default=None, help="with a folder: the culture tag of every file in it")
+    parser.add_argument(
+        "--valid-fraction",
+        type=float,
+        default=0.02,
+        help="with a folder: fraction of files held out as split 'valid' (validation during pretrain); default 0.02",
+    )
     parser.add_argument("--out", required=True, help="output directory (re-run the same command to resume)")
     parser.add_argument("--teacher", choices=["encodec", "kmeans"], default="encodec", help="label teacher")
     parser.add_argument(
@@ -70,13 +85,31 @@ def _build_teacher(args: argparse.Namespace):
     return teachers.build_teacher("encodec", **options)
 
 
-def run(args: argparse.Namespace) -> int:
-    from culturemert.data import prepare, read_manifest
+def _manifest(args: argparse.Namespace) -> str:
+    """The manifest to prepare: the given file, or one written for a folder of audio (checked before any model loads)."""
+    from culturemert.data import read_manifest
 
+    if os.path.isdir(args.manifest):
+        from culturemert.data.folder import scan_audio_folder, write_folder_manifest
+
+        if not args.culture:
+            raise ConfigError(f"{args.manifest} is a folder: pass --culture NAME (the tag of every file in it)")
+        folder = scan_audio_folder(args.manifest, args.culture, args.valid_fraction)
+        print(folder.summary())
+        return str(write_folder_manifest(folder, os.path.join(args.out, "folder-manifest.csv")))
+    if args.culture:
+        raise ConfigError("--culture is for a folder of audio; a manifest names each file's culture")
     read_manifest(args.manifest)  # fail on a bad manifest before loading any model
+    return args.manifest
+
+
+def run(args: argparse.Namespace) -> int:
+    from culturemert.data import prepare
+
+    manifest = _manifest(args)
     teacher = _build_teacher(args)
     summary = prepare(
-        args.manifest,
+        manifest,
         args.out,
         teacher,
         min_seconds=args.min_seconds,

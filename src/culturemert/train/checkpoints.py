@@ -39,6 +39,8 @@ class TrainState:
     loss_history: list[float] = dataclasses.field(default_factory=list)
     base_fingerprint: str | None = None
     clips_seen: int = 0
+    # validation decisions (newest point, per-stage forgetting references, best export): train/validation.py
+    monitor: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _checkpoint_name(state: TrainState) -> str:

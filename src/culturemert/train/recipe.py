@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,9 +21,13 @@ from culturemert.errors import ConfigError
 from culturemert.objective import ObjectiveConfig
 from culturemert.train.mert_sizes import declared_size, warn_size_mismatches
 from culturemert.train.param_groups import check_pattern
+from culturemert.train.validation import ValidateSpec
 from culturemert.data.loader import MixtureSpec
 
 log = logging.getLogger(__name__)
+
+#: The recipes shipped inside the package (``culturemert pretrain NAME`` finds them without a clone).
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 
 class BaseSpec(StrictModel):
@@ -197,6 +202,11 @@ class StageSpec(StrictModel):
         return int(round(clips))
 
 
+# The recipe key is ``validate`` (the word users read in docs and write in YAML). It shadows pydantic's deprecated
+# ``BaseModel.validate`` classmethod, which nothing here calls; instance access returns the field.
+warnings.filterwarnings("ignore", message='Field name "validate" in "Recipe" shadows', category=UserWarning)
+
+
 class Recipe(StrictModel):
     """A whole (continual) pre-training run: base model, teacher, prepared data, objective, stages and runtime.
 
@@ -214,6 +224,7 @@ class Recipe(StrictModel):
     checkpoint: CheckpointSpec = CheckpointSpec()
     runtime: RuntimeSpec = RuntimeSpec()
     faults: FaultSpec = FaultSpec()
+    validate: ValidateSpec | None = ValidateSpec()  # held-out validation per culture; null: off
 
     @model_validator(mode="after")
     def _unique_stage_names(self) -> "Recipe":
@@ -260,7 +271,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe; raises :class:`ConfigError` naming every bad key."""
+    """Read, override and validate a recipe (a YAML path or a shipped name, see :func:`resolve_recipe`);
+    raises :class:`ConfigError` naming every bad key."""
+    path = resolve_recipe(path)
     data = load_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping")
@@ -288,3 +301,33 @@ def check_recipe_paths(recipe: Recipe) -> None:
     if src is not None and (src.startswith((".", "/", "~")) or Path(src).suffix in (".pt", ".ckpt")):
         if not Path(src).expanduser().exists():
             raise ConfigError(f"base.source: {src} does not exist")
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Recipes shipped with the package by name: ``culturemert-95m``, ``tiny-test``, ``quickstart/cpt``, ..."""
+    if not RECIPES_DIR.is_dir():
+        return {}
+    return {p.relative_to(RECIPES_DIR).with_suffix("").as_posix(): p for p in sorted(RECIPES_DIR.rglob("*.yaml"))}
+
+
+def resolve_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file: ``name_or_path`` itself when it is a file, else the shipped recipe of that name
+    (``culturemert-95m``, ``quickstart/cpt``; a ``.yaml`` suffix is ignored).
+
+    Raises:
+        ConfigError: neither a file nor a shipped name (the message lists the shipped names).
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    name = str(name_or_path)
+    for suffix in (".yaml", ".yml"):
+        name = name.removesuffix(suffix)
+    shipped = shipped_recipes()
+    for candidate in (name, name.removeprefix("recipes/")):
+        if candidate in shipped:
+            return shipped[candidate]
+    raise ConfigError(
+        f"recipe not found: {name_or_path} is not a file and not a shipped recipe "
+        f"(shipped: {', '.join(shipped) or 'none - a broken install?'})"
+    )

@@ -1,9 +1,14 @@
-"""What a training run records: ``metrics.jsonl`` (one JSON record per logged step or event), ``train.log``,
-TensorBoard scalars, and ``loss_curve.png``.
+"""What a training run records: ``metrics.jsonl`` (one JSON record per logged step, validation point or event),
+``train.log``, TensorBoard scalars, and ``loss_curve.png`` (:mod:`culturemert.train.curves`).
 
 Only the main rank writes; on the other ranks every method is a no-op, so callers never branch on the rank. On
 resume the metrics file is cut back to the resumed step (records of steps that are about to be redone go, torn
-lines too), so a resumed run's log equals an uninterrupted run's.
+lines too; a run that starts afresh drops them all), so a resumed run's log equals an uninterrupted run's.
+
+TensorBoard names (stable): ``train/<scalar>`` for every numeric field of a step record (``train/loss``,
+``train/pred_loss``, ``train/lr``, ``train/grad_norm``, ...), ``train/culture_loss/<culture>``,
+``valid/<culture>/<metric>`` (``loss``, ``pred_loss``, ``acc``, ``ce_<k>``, ``acc_<k>``, ``cqt_mse``) and
+``valid/new_mean``, all against the global step.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["RunLog", "plot_loss_curve"]
 
+_VALID_SCALARS = ("loss", "pred_loss", "acc", "cqt_mse")
+
 
 class RunLog:
     """The logs of one run in ``out_dir``; call :meth:`open` once the resumed step is known, :meth:`close` at the end.
@@ -39,8 +46,12 @@ class RunLog:
         self._metrics: Any = None
         self._handler: logging.Handler | None = None
         self._tb: Any = None
+        # set by the validation monitor: drawn highlighted / used for the best-export mean in the plot
+        self.protected: list[str] = []
+        self.new: list[str] = []
 
     def open(self, resumed_step: int) -> None:
+        """Start appending; records past ``resumed_step`` are dropped (-1: a fresh start, every record goes)."""
         if not self.is_main:
             return
         self.out.mkdir(parents=True, exist_ok=True)
@@ -70,10 +81,22 @@ class RunLog:
             return
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
-        if self._tb is not None and "loss" in record:
+        if self._tb is None:
+            return
+        step = record.get("global_step", 0)
+        if "loss" in record:
             for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "global_step":
-                    self._tb.add_scalar(f"train/{k}", v, record["global_step"])
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "global_step":
+                    self._tb.add_scalar(f"train/{k}", v, step)
+            for culture, v in (record.get("culture_loss") or {}).items():
+                self._tb.add_scalar(f"train/culture_loss/{culture}", v, step)
+        elif record.get("kind") == "validation":
+            for culture, metrics in record["cultures"].items():
+                for k, v in metrics.items():
+                    if k in _VALID_SCALARS or k.startswith(("ce_", "acc_")):
+                        self._tb.add_scalar(f"valid/{culture}/{k}", v, step)
+            if record.get("new_mean") is not None and math.isfinite(record["new_mean"]):
+                self._tb.add_scalar("valid/new_mean", record["new_mean"], step)
 
     def event(self, kind: str, message: str, global_step: int, **fields: Any) -> None:
         """Log ``message`` (warning unless ``kind == "info"``) and record it as ``{"event": kind, ...}``."""
@@ -99,42 +122,14 @@ class RunLog:
         """``loss_curve.png`` from ``metrics.jsonl``; None on other ranks or before the first logged step."""
         if not self.is_main:
             return None
-        return plot_loss_curve(self.metrics_path, self.out / "loss_curve.png", self.title)
+        from culturemert.train.curves import plot_run
+
+        return plot_run(self.metrics_path, self.out / "loss_curve.png", self.title, protected=self.protected,
+                        new=self.new)
 
 
 def plot_loss_curve(metrics_path: Path, target: Path, title: str) -> Path | None:
-    """Total and masked-prediction loss per optimizer step, stage boundaries and skipped steps marked.
+    """The run's figure from ``metrics.jsonl`` (:func:`culturemert.train.curves.plot_run`, nothing highlighted)."""
+    from culturemert.train.curves import plot_run
 
-    Returns ``target``, or None when the log holds no finite loss yet.
-    """
-    from culturemert.plotting import pyplot, save_figure
-
-    steps, loss, pred, skipped = [], [], [], []
-    boundaries: dict[str, int] = {}
-    for rec in read_jsonl(metrics_path):
-        if "loss" not in rec:
-            continue
-        boundaries.setdefault(rec.get("stage", "?"), rec["global_step"])
-        if rec.get("skipped"):
-            skipped.append(rec["global_step"])
-        if rec["loss"] is not None and math.isfinite(rec["loss"]):
-            steps.append(rec["global_step"])
-            loss.append(rec["loss"])
-            pred.append(rec.get("pred_loss", float("nan")))
-    if not steps:
-        return None
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    ax.plot(steps, loss, lw=0.8, label="total loss")
-    ax.plot(steps, pred, lw=0.8, label="masked prediction (sum over codebooks)")
-    for name, s in boundaries.items():
-        ax.axvline(s, color="grey", ls="--", lw=0.6)
-        ax.text(s, ax.get_ylim()[1], f" {name}", va="top", fontsize=7, color="grey")
-    if skipped:
-        ax.plot(skipped, [min(loss)] * len(skipped), "rx", ms=4, label="skipped step")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats per masked frame)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return save_figure(fig, target)
+    return plot_run(metrics_path, target, title)

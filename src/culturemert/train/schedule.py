@@ -35,8 +35,10 @@ def lr_at(step: int, spec: ScheduleSpec, total_steps: int) -> float:
 
 
 def train_flops_per_clip(model: MertPretrainModel, num_samples: int, cqt: bool = True) -> float:
-    """Training FLOPs per clip of ``num_samples`` samples: 3 x forward + the CQT target (docs/performance.md,
-    "FLOPs per clip", lists every term; ≈ 364 GFLOPs for MERT-v1-95M on 5 s)."""
+    """Training FLOPs per clip of ``num_samples`` samples: 2 FLOPs per multiply-add of the forward pass (conv stack,
+    projection, positional conv, per layer ``4 T d^2 + 2 T d ffn + 2 T^2 d``, heads), x 3 for forward + backward,
+    plus the CQT target as nnAudio's direct convolution would cost it (336 bins x real/imag x 65 536 taps per hop);
+    docs/performance.md, "FLOPs per clip", lists every term (≈ 364 GFLOPs for MERT-v1-95M on 5 s)."""
     cfg = model.config
     macs = 0.0
     length, c_in = num_samples, 1

@@ -10,7 +10,9 @@ mixture. :class:`Trainer` runs the stages in one process or under ``torchrun`` (
 * checkpoints are directories written to a temp name, fsynced, then renamed; ``manifest.json`` holds the
   sha256 of every file and is verified on load; only tensors (safetensors) and JSON are written;
 * non-finite losses/gradients and loss spikes skip the step; ``faults.max_bad_steps`` bad steps in a row roll
-  back to the newest good checkpoint with the LR scaled by ``faults.rollback_lr_factor``.
+  back to the newest good checkpoint with the LR scaled by ``faults.rollback_lr_factor``;
+* held-out validation per culture, the per-culture training loss, the forgetting alarm and ``exports/best``
+  (:mod:`culturemert.train.validation`) hook in at each stage's start and after each step.
 
 The global batch is the same whatever the world size and micro-batch: every rank draws the whole batch,
 applies the (cheap) noise mixture and span masks to it, and then trains on its own disjoint rows, split into
@@ -47,6 +49,7 @@ from culturemert.train.recipe import Recipe, StageSpec, check_recipe_paths
 from culturemert.train.run_log import RunLog, plot_loss_curve
 from culturemert.train.schedule import lr_at, peak_flops, train_flops_per_clip
 from culturemert.train.sources import PreparedSource, iterate_source
+from culturemert.train.validation import ForgettingStop, Monitor, ValidationPlan, culture_train_losses, plan_validation
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ class _TrainModule(nn.Module):
 
     def forward(self, clean, inp, codes, mask):  # type: ignore[override]
         out = self.objective(self.model, clean, inp, codes, mask)
-        return out.loss, out.parts
+        return out.loss, out.parts, out.rows
 
 
 class StopTraining(Exception):
@@ -123,6 +126,10 @@ class Trainer:
         self.state: TrainState
         self.objective: MertObjective
         self.resumed_from: LoadedCheckpoint | None = None
+        self.validation_plan: ValidationPlan
+        self.monitor: Monitor
+        self.stopped: ForgettingStop | None = None  # set when the forgetting alarm ended the run
+        self._rows: list[dict[str, torch.Tensor]] = []  # per-row loss sums of the current step (per-culture loss)
         # Created per stage by _enter_stage().
         self.param_names: list[str] = []
         self.trainable_params: list[nn.Parameter] = []
@@ -306,6 +313,7 @@ class Trainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable_params, max_norm))
         loss = parts["loss"]
         record: dict[str, Any] = {**parts, "lr": lr, "grad_norm": grad_norm, "micro_batches": n_micro}
+        record.update(self._culture_losses(batch, rows))
         skipped = None
         if not math.isfinite(loss):
             skipped = "non-finite loss"
@@ -330,6 +338,7 @@ class Trainer:
 
     def _accumulate(self, clean, inp, codes, mask, micro: int, per_rank: int) -> tuple[dict[str, torch.Tensor], int]:
         sums: dict[str, torch.Tensor] = {}
+        self._rows = []
         starts = list(range(0, per_rank, micro))
         dev = self.device
         for i, s in enumerate(starts):
@@ -339,16 +348,27 @@ class Trainer:
             sync = contextlib.nullcontext() if (last or not self.dist.enabled) else self.train_module.no_sync()
             with sync:
                 with self._autocast():
-                    loss, parts = self.train_module(
+                    loss, parts, rows = self.train_module(
                         clean[s:e].to(dev, non_blocking=True),
                         inp[s:e].to(dev, non_blocking=True),
                         codes[s:e].to(dev, non_blocking=True),
                         mask[s:e].to(dev, non_blocking=True),
                     )
                 (loss * weight).backward()
+            self._rows.append(rows)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() * weight
         return sums, len(starts)
+
+    def _culture_losses(self, batch: Mapping[str, Any], rows: slice) -> dict[str, Any]:
+        """``culture_loss`` / ``culture_clips`` of this step (empty when the batch does not name its cultures)."""
+        cultures = batch.get("culture")
+        if not cultures or not self._rows:
+            return {}
+        merged = {k: torch.cat([r[k] for r in self._rows]) for k in self._rows[0]}
+        cfg = self.recipe.objective
+        return culture_train_losses(list(cultures), merged, rows, pred_weight=cfg.pred_masked_weight,
+                                    cqt_weight=cfg.cqt_weight, dist_info=self.dist)
 
     def _is_spike(self, loss: float) -> float | None:
         f = self.recipe.faults
@@ -396,11 +416,12 @@ class Trainer:
         per_rank = clips // self.dist.world_size
         self.micro_batch = stage.batch.micro_batch_clips or per_rank
 
-    def _export(self, index: int, final: bool = False) -> Path:
+    def _export(self, index: int, final: bool = False, name: str | None = None) -> Path:
+        """Write ``exports/<name>`` (default: ``final`` or ``stage-<i>-<stage name>``) from the current weights."""
         from culturemert.model import save_export
 
         stage = self.recipe.stages[index]
-        name = "final" if final else f"stage-{index + 1}-{stage.name}"
+        name = name or ("final" if final else f"stage-{index + 1}-{stage.name}")
         target = self.out / "exports" / name
         if self.dist.is_main:
             card = {
@@ -417,6 +438,7 @@ class Trainer:
                 "base_fingerprint": self.state.base_fingerprint,
                 "rollbacks": self.state.rollbacks,
             }
+            card.update(self.monitor.card_fields(name))
             save_export(self.model, target, card=card, base_fingerprint=self.state.base_fingerprint)
             log.info("export %s", target)
         barrier(self.dist)
@@ -484,6 +506,7 @@ class Trainer:
         if recipe.teacher.name is not None and tname is not None and recipe.teacher.name != tname:
             raise ConfigError(f"teacher.name is {recipe.teacher.name!r} but the prepared data was tokenised by {tname!r}")
         self.data_hours = first_source.hours()
+        self.validation_plan = plan_validation(recipe, datasets=self._datasets, source=first_source)
 
         existing = list_checkpoints(self.ckpt_dir)
         if self.resume == "never" and existing:
@@ -529,18 +552,23 @@ class Trainer:
             cqt = MertCQT(fft_frames=recipe.teacher.cqt_fft_frames)
         self.objective = MertObjective(recipe.objective, cqt).to(self.device)
         self.run_log = RunLog(self.out, is_main=self.dist.is_main, tensorboard=recipe.runtime.tensorboard, title=recipe.name)
+        self.monitor = Monitor(self, self.validation_plan)
         return optimizer_state
 
     def run(self) -> Path | None:
-        """Run (or continue) the recipe. Returns the final export dir, or None when stopped by ``max_steps``."""
+        """Run (or continue) the recipe. Returns the final export dir, None when stopped by ``max_steps``, or
+        ``exports/last-good`` when the forgetting alarm stopped the run (then :attr:`stopped` says why)."""
         optimizer_state = self.setup()
-        self.run_log.open(self.state.global_step)
+        self.run_log.open(self.state.global_step if self.resumed_from is not None else -1)
         if self.resumed_from is not None:
             self._write_metrics({"event": "resume", "checkpoint": self.resumed_from.path.name, "global_step": self.state.global_step})
         try:
             return self._run_stages(optimizer_state)
         except StopTraining:
             return None
+        except ForgettingStop as stop:
+            self.stopped = stop
+            return Path(stop.export)
         finally:
             self.run_log.plot()
             self.run_log.close()
@@ -565,6 +593,7 @@ class Trainer:
             sources[index] = source
             self._enter_stage(index, optimizer_state)
             optimizer_state = None
+            self.monitor.stage_start(index)
             rollback = self._run_stage(stage, index, source)
             if rollback is not None:
                 optimizer_state = rollback.optimizer_state
@@ -625,6 +654,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", cps=f"{record['clips_per_s']:.1f}")
                 if self.state.bad_streak >= recipe.faults.max_bad_steps:
                     return _RolledBack(self._rollback())
+                self.monitor.after_step(index)
                 if self.state.stage_step < stage.steps and self.state.global_step % every == 0:
                     self._save()
         finally:
