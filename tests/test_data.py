@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from culturemert.train.recipe import RECIPES_DIR
 from culturemert.audio import float_to_int16, load_audio
 from culturemert.label_grid import HOP_LENGTH
 from culturemert.data import (
@@ -584,7 +585,7 @@ def test_prepared_dirs_record_their_teacher_and_dirs_of_different_teachers_are_r
     message = str(err.value)
     assert str(tmp_path / "w") in message and str(tmp_path / "m") in message and "\n" not in message
     assert fitted["w"].fingerprint()[:12] in message and fitted["m"].fingerprint()[:12] in message
-    recipe = load_recipe(REPO / "recipes" / "tiny-test.yaml", [f"data.dirs=[{tmp_path / 'w'}, {tmp_path / 'm'}]"])
+    recipe = load_recipe(RECIPES_DIR / "tiny-test.yaml", [f"data.dirs=[{tmp_path / 'w'}, {tmp_path / 'm'}]"])
     with pytest.raises(DataError, match="different teachers"):
         check_recipe_paths(recipe)
     loader = MixtureLoader([tmp_path / "w", tmp_path / "m2"], spec, batch_size=2, crop_samples=24_000)

@@ -12,11 +12,12 @@ import pytest
 import yaml
 from transformers import HubertConfig
 
+from culturemert.train.recipe import RECIPES_DIR
 from culturemert.train import load_recipe
 from culturemert.train.mert_sizes import model_size, warn_size_mismatches
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = REPO / "recipes"
+RECIPES = RECIPES_DIR  # the shipped recipes (package data)
 DOC = REPO / "docs" / "pretraining.md"
 
 TAG = re.compile(r"\[paper:\s*([^\]]+?)\s*\]")
