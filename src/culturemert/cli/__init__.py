@@ -8,23 +8,50 @@ from __future__ import annotations
 
 import argparse
 import errno
-import importlib
 import logging
 import sys
+from types import ModuleType
 
-# command name -> (module, one-line help). Order is the pipeline order.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "convert": ("culturemert.cli.convert", "convert an HF / fairseq / culturemert checkpoint to a safetensors export"),
-    "corpus": ("culturemert.cli.corpus", "render the offline multi-cultural corpus from symbolic music"),
-    "prepare": ("culturemert.cli.prepare", "decode audio into 24 kHz shards and compute teacher targets"),
-    "pretrain": ("culturemert.cli.pretrain", "(continual) pre-training from a recipe, resumable, torchrun-ready"),
-    "merge": ("culturemert.cli.merge", "merge models in weight space (task arithmetic, TIES, DARE, breadcrumbs, DELLA, TSV, Iso-C/CTS, linear)"),
-    "embed": ("culturemert.cli.embed", "extract cached per-layer embeddings for a dataset"),
-    "probe": ("culturemert.cli.probe", "MARBLE-protocol probing from a config"),
-    "evaluate": ("culturemert.cli.evaluate", "embed + probe one or more models on datasets"),
-    "report": ("culturemert.cli.report", "tables and plots (paper layout, layer curves, transfer matrix) from runs"),
-    "quickstart": ("culturemert.cli.quickstart", "the whole workflow offline on the embedded corpus"),
+# command name -> one-line help. Order is the pipeline order.
+COMMANDS: dict[str, str] = {
+    "convert": "convert an HF / fairseq / culturemert checkpoint to a safetensors export",
+    "corpus": "render the offline multi-cultural corpus from symbolic music",
+    "prepare": "decode audio into 24 kHz shards and compute teacher targets",
+    "pretrain": "(continual) pre-training from a recipe, resumable, torchrun-ready",
+    "merge": "merge models in weight space (task arithmetic, TIES, DARE, breadcrumbs, DELLA, TSV, Iso-C/CTS, linear)",
+    "embed": "extract cached per-layer embeddings for a dataset",
+    "probe": "MARBLE-protocol probing from a config",
+    "evaluate": "embed + probe one or more models on datasets",
+    "report": "tables and plots (paper layout, layer curves, transfer matrix) from runs",
+    "quickstart": "the whole workflow offline on the embedded corpus",
 }
+
+
+def _command_module(name: str) -> ModuleType:
+    """The module of command ``name``, imported only now (some commands pull in torch, which costs seconds)."""
+    if name == "convert":
+        from culturemert.cli import convert as module
+    elif name == "corpus":
+        from culturemert.cli import corpus as module
+    elif name == "prepare":
+        from culturemert.cli import prepare as module
+    elif name == "pretrain":
+        from culturemert.cli import pretrain as module
+    elif name == "merge":
+        from culturemert.cli import merge as module
+    elif name == "embed":
+        from culturemert.cli import embed as module
+    elif name == "probe":
+        from culturemert.cli import probe as module
+    elif name == "evaluate":
+        from culturemert.cli import evaluate as module
+    elif name == "report":
+        from culturemert.cli import report as module
+    elif name == "quickstart":
+        from culturemert.cli import quickstart as module
+    else:
+        raise KeyError(name)
+    return module
 
 
 #: storage errors reported as one line instead of a traceback
@@ -39,7 +66,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-V", "--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, help_text) in COMMANDS.items():
+    for name, help_text in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
@@ -69,14 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    module_name, help_text = COMMANDS[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name:
-            print(f"culturemert {name}: not available in this version", file=sys.stderr)
-            return 2
-        raise
+    help_text = COMMANDS[name]
+    module = _command_module(name)
     parser = argparse.ArgumentParser(prog=f"culturemert {name}", description=help_text)
     module.add_arguments(parser)
     args = parser.parse_args(rest)
