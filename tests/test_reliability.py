@@ -608,7 +608,7 @@ def _pickle_like(path: Path) -> str | None:
 def test_end_to_end_outputs_hold_no_pickle_and_npy_loads_without_pickle(tmp_path):
     from culturemert.cli import main
 
-    prepared = make_prepared_dir(tmp_path / "prep")
+    prepared = make_prepared_dir(tmp_path / "prep", files_per_culture=3, valid_files=1)  # the recipe validates
     runs = tmp_path / "outputs"
     assert main(["pretrain", str(TINY), f"data.dirs=[{prepared}]", "--out", str(runs / "pretrain")]) == 0
     exports = runs / "pretrain" / "exports"
@@ -769,7 +769,7 @@ def test_soak_many_sigkills_of_pretrain_cli_half_of_them_mid_checkpoint(tmp_path
     random moments, half at a random instant inside a checkpoint write; every checkpoint on disk verifies after
     each kill and the final weights equal an uninterrupted run bit for bit."""
     kills = max(10, int(os.environ.get("CULTUREMERT_SOAK_KILLS", "12")))
-    prepared = make_prepared_dir(tmp_path / "prep")
+    prepared = make_prepared_dir(tmp_path / "prep", files_per_culture=3, valid_files=1)  # the recipe validates
     # 80 steps, so that every kill interrupts a run that still has work to do
     args = ["pretrain", str(TINY), f"data.dirs=[{prepared}]", "stages.0.steps=20", "stages.1.steps=60"]
 
