@@ -190,12 +190,3 @@ def array_fingerprint(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> st
         digest.update(f"{key}:{value.dtype.str}:{value.shape}".encode())
         digest.update(value.tobytes())
     return digest.hexdigest()
-
-
-def tensor_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for key in sorted(state_dict):
-        tensor = state_dict[key].detach().cpu().contiguous()
-        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()

@@ -14,7 +14,8 @@ import torch
 from culturemert.label_grid import HOP_LENGTH, SAMPLE_RATE, label_frames
 from culturemert.errors import CheckpointError, ConfigError
 from culturemert.runtime import resolve_device
-from culturemert.teachers.base import BatchedTeacher, as_batch, tensor_fingerprint
+from culturemert.model.weights import state_dict_fingerprint
+from culturemert.teachers.base import BatchedTeacher, as_batch
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class EncodecTeacher(BatchedTeacher):
 
     def _weights_sha256(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = tensor_fingerprint(self.model.state_dict())
+            self._fingerprint = state_dict_fingerprint(self.model.state_dict())
         return self._fingerprint
 
     def fingerprint(self) -> str:
