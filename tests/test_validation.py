@@ -314,3 +314,12 @@ def test_pretrain_cli_with_prepared_valid_split_validates_and_plots(prepared_wit
     summary = json.loads((out / "validation.json").read_text())
     assert summary["protected"] == [] and summary["new"] == ["makam", "western"] and summary["last"]["global_step"] == 8
     assert (out / "exports" / "best").is_dir() and math.isfinite(summary["best"]["value"])
+
+
+def test_an_existing_file_wins_over_a_shipped_name(tmp_path, monkeypatch):
+    from culturemert.train import resolve_recipe, shipped_recipes
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_recipe("tiny-test") == shipped_recipes()["tiny-test"]
+    (tmp_path / "tiny-test").write_text("name: mine\n")
+    assert resolve_recipe("tiny-test") == Path("tiny-test")
