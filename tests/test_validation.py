@@ -256,7 +256,8 @@ def prepared_with_valid(tmp_path_factory):
 def test_pretrain_check_reports_the_validation_set_by_shipped_name(prepared_with_valid, tmp_path, capsys):
     from culturemert.cli import main
 
-    assert main(["pretrain", "tiny-test", f"data.dirs=[{prepared_with_valid}]", "--check"]) == 0
+    forgetting = "validate.forgetting={cultures: [western], tolerance: 0.05}"
+    assert main(["pretrain", "tiny-test", f"data.dirs=[{prepared_with_valid}]", forgetting, "--check"]) == 0
     out = capsys.readouterr().out
     assert "tiny-test.yaml: ok (2 stage(s), 8 steps)" in out
     assert "data: 1 dir(s), teacher level-zc (2 x 16), split 'train': makam 0.1 min, western 0.1 min" in out
@@ -271,11 +272,12 @@ def test_pretrain_check_says_when_the_data_has_no_held_out_split(tmp_path, capsy
     from culturemert.cli import main
 
     prepared = make_prepared_dir(tmp_path / "prep")
-    assert main(["pretrain", "tiny-test", f"data.dirs=[{prepared}]", "validate.forgetting=null", "--check"]) == 0
+    assert main(["pretrain", "tiny-test", f"data.dirs=[{prepared}]", "--check"]) == 0
     out = capsys.readouterr().out
     assert "validation: off (no held-out crops in split 'valid' (makam: no items in split 'valid'; western: " in out
     # naming a protected culture that cannot be validated is an error, not a silent off
-    assert main(["pretrain", "tiny-test", f"data.dirs=[{prepared}]", "--check"]) == 2
+    forgetting = "validate.forgetting={cultures: [western], tolerance: 0.05}"
+    assert main(["pretrain", "tiny-test", f"data.dirs=[{prepared}]", forgetting, "--check"]) == 2
     assert "validate.forgetting.cultures: 'western' has no held-out crops (no items in split 'valid')" in capsys.readouterr().err
 
 
@@ -285,6 +287,10 @@ def test_pretrain_unknown_recipe_name_lists_the_shipped_ones(capsys):
     assert main(["pretrain", "culturemert-96m", "--check"]) == 2
     err = capsys.readouterr().err
     assert "recipe not found: culturemert-96m" in err and "culturemert-95m" in err and "quickstart/cpt" in err
+    from culturemert.train import resolve_recipe, shipped_recipes
+
+    # the pre-package path of a recipe still finds it; an existing file wins over a shipped name
+    assert resolve_recipe("recipes/culturemert-95m.yaml") == shipped_recipes()["culturemert-95m"]
     assert main(["pretrain", "--list"]) == 0
     assert "quickstart/single-culture" in capsys.readouterr().out
     assert main(["--version"]) == 0
@@ -306,5 +312,14 @@ def test_pretrain_cli_with_prepared_valid_split_validates_and_plots(prepared_wit
             assert m["pred_loss"] == pytest.approx(m["ce_0"] + m["ce_1"])
             assert m["loss"] == pytest.approx(m["pred_loss"] + m["cqt_mse"])  # weights 1, feature penalty excluded
     summary = json.loads((out / "validation.json").read_text())
-    assert summary["protected"] == ["western"] and summary["new"] == ["makam"] and summary["last"]["global_step"] == 8
+    assert summary["protected"] == [] and summary["new"] == ["makam", "western"] and summary["last"]["global_step"] == 8
     assert (out / "exports" / "best").is_dir() and math.isfinite(summary["best"]["value"])
+
+
+def test_an_existing_file_wins_over_a_shipped_name(tmp_path, monkeypatch):
+    from culturemert.train import resolve_recipe, shipped_recipes
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_recipe("tiny-test") == shipped_recipes()["tiny-test"]
+    (tmp_path / "tiny-test").write_text("name: mine\n")
+    assert resolve_recipe("tiny-test") == Path("tiny-test")
