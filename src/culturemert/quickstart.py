@@ -196,25 +196,12 @@ def heldout_masked_loss(
     Raises:
         DataError: the model has no pre-training heads, or a culture has no held-out crops.
     """
-    from culturemert.data import PreparedDataset
-    from culturemert.model import load_model
-    from culturemert.objective import MertObjective, ObjectiveConfig
-    from culturemert.teachers import MertCQT
-    from culturemert.train.validation import evaluate_validation_set, prepared_validation_set, validation_seed
+    from culturemert.merge.select import HeldOutLoss
 
-    model = load_model(model_source)
-    if model.heads is None:
-        raise DataError(f"{model_source}: no pre-training heads, cannot compute the masked-prediction loss")
-    config = objective or ObjectiveConfig()
-    mert_objective = MertObjective(config, MertCQT() if config.cqt_weight > 0 else None)
-    dirs = list(dict.fromkeys(str(d) for d in prepared.values()))
-    vset = prepared_validation_set(
-        [PreparedDataset(d) for d in dirs], split=split, crops_per_culture=crops_per_culture, batch_clips=batch_clips,
-        crop_samples=crop_samples(crop_seconds), seed=validation_seed(seed), cultures=list(prepared),
-    )
-    if vset.missing:
-        raise DataError("no held-out crops for " + "; ".join(f"{c} ({why})" for c, why in vset.missing.items()))
-    results = evaluate_validation_set(model, mert_objective, vset)
+    held_out = HeldOutLoss(list(prepared.values()), cultures=list(prepared), split=split,
+                           crops_per_culture=crops_per_culture, batch_clips=batch_clips, crop_seconds=crop_seconds,
+                           seed=seed, objective=objective)
+    results = held_out(model_source)
     for metrics in results.values():
         metrics["masked_ce"], metrics["masked_acc"] = metrics["pred_loss"], metrics["acc"]
     return {c: results[c] for c in prepared}
