@@ -155,12 +155,16 @@ def test_cli_ssl_loss_sweep_end_to_end(tmp_path, prepared, capsys):
 
 def test_cli_constraint_that_nothing_meets_is_a_one_line_error(tmp_path, prepared, capsys):
     base, models = _exports(tmp_path, scale=0.5)
-    code, out = _cli(tmp_path, base, models, [prepared], "--protected", "western", "--max-protected-increase", "0")
+    code, out = _cli(tmp_path, base, models, [prepared], "--protected", "western", "--max-protected-increase", "0",
+                     "--mix", str(models[0]))
     err = capsys.readouterr().err.strip()
     rows = list(csv.DictReader((out / "sweep.csv").open()))  # written before the error, to show why
     assert len(rows) == 2 and all(float(r["protected_increase"]) > 0 for r in rows)  # large random task vectors
     assert code == 2 and "no merge satisfies the constraint" in err and len(err.splitlines()) == 1
     assert not (out / "selected").exists()
+    # the merge-vs-mix table still shows the method, at its smallest protected rise, marked as over the limit
+    lam = min(rows, key=lambda r: float(r["protected_increase"]))["lambda"]
+    assert f"| merged-task_arithmetic (over the limit) | {lam} |" in (out / "merge_vs_mix.md").read_text()
 
 
 def test_cli_errors_on_missing_valid_split_and_teacher_mismatch(tmp_path, prepared, capsys):

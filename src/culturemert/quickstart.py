@@ -82,6 +82,12 @@ class QuickstartConfig(StrictModel):
     # extra evaluation per λ). 1.0 adds both single-culture task vectors fully; each was trained with half the
     # multi-culture run's steps, so λ = 1 is the compute-matched analogue of the paper's λ = 0.2 over 4 models.
     merge_lambdas: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
+    # Merge vs mix: every method at the λ of this grid that it selects without labels (held-out masked-prediction
+    # loss of the new cultures, base culture's loss at most max_protected_increase nats above the base's), next to
+    # the CPT model trained on the same data. [] skips it.
+    merge_methods: list[str] = Field(default_factory=lambda: ["task_arithmetic", "ties", "tsv", "iso_c"])
+    merge_method_lambdas: list[float] = Field(default_factory=lambda: [0.5, 1.0], min_length=1)
+    max_protected_increase: float = Field(0.05, ge=0.0)
     # Probe: MARBLE's protocol (MLP, dropout 0.2, BCE, Adam, batch 64, ReduceLROnPlateau, early stopping and
     # selection on validation) with a smaller grid and hidden layer so five models fit the CPU budget [ours].
     probe_seeds: int = Field(3, ge=1)
@@ -422,8 +428,14 @@ def run_quickstart(config: QuickstartConfig, out_dir: str | Path, progress: bool
     heldout = {}
     for name, path in [("base", base_model), ("control", runs["control"]), ("cpt", runs["cpt"]), ("merged-ta", merged)]:
         heldout[name] = heldout_masked_loss(path, prepared, crops_per_culture=config.heldout_crops, seed=config.seed)
-    write_json_atomic(out / "heldout_loss.json", heldout)
     lap("heldout-loss", t0)
+
+    t0 = time.perf_counter()
+    merge_methods = _merge_vs_mix(config, out, base_model, singles, runs["cpt"], prepared)
+    for method, row in merge_methods.items():
+        heldout[f"merged-{method}"] = row["ssl"]
+    write_json_atomic(out / "heldout_loss.json", heldout)
+    lap("merge-vs-mix", t0)
 
     t0 = time.perf_counter()
     model_list = ["baseline:logmel", str(base_model), str(runs["control"]), str(runs["cpt"]), str(merged)]
@@ -431,9 +443,44 @@ def run_quickstart(config: QuickstartConfig, out_dir: str | Path, progress: bool
     lap("evaluate", t0)
 
     timings["total"] = time.perf_counter() - started
-    report = write_quickstart_report(out, heldout, timings, config, summary.synthesizer, new_cultures)
+    report = write_quickstart_report(out, heldout, timings, config, summary.synthesizer, new_cultures, merge_methods)
     print(report.read_text(encoding="utf-8"))
     return report
+
+
+def _merge_vs_mix(config: QuickstartConfig, out: Path, base_model: Path, singles: list[Path], mix: Path,
+                  prepared: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    """Sweep ``config.merge_methods`` x ``config.merge_method_lambdas`` on the single-culture models, select each
+    method's λ by held-out loss (no labels), and write ``merge-methods/merge_vs_mix.{md,csv,png}`` next to the CPT
+    model. Returns per method ``{"lambda", "admissible", "ssl": held-out metrics as heldout_masked_loss}`` (read
+    back from ``selection.json`` on a re-run)."""
+    from culturemert.merge.select import HeldOutLoss, sweep_methods
+
+    if not config.merge_methods:
+        return {}
+    sweep_dir = out / "merge-methods"
+    summary_path = sweep_dir / "merge_methods.json"
+    if not summary_path.is_file():
+        # the same crops and masks as the held-out table (heldout_masked_loss's arguments)
+        held_out = HeldOutLoss(list(prepared.values()), cultures=list(prepared), crops_per_culture=config.heldout_crops,
+                               seed=config.seed)
+        result = sweep_methods(base_model, singles, config.merge_methods, config.merge_method_lambdas, sweep_dir,
+                               select_on="ssl-loss", ssl=held_out, protected=config.base_culture,
+                               max_protected_increase=config.max_protected_increase, mix_source=mix,
+                               require_selection=False)
+        rows = {}
+        for method, cand in result.per_method.items():
+            ssl = {c: dict(cand.ssl[c]) for c in prepared} if cand.ssl else {}
+            for metrics in ssl.values():
+                metrics["masked_ce"], metrics["masked_acc"] = metrics["pred_loss"], metrics["acc"]
+            rows[method] = {"lambda": cand.lam, "admissible": cand.admissible, "ssl": ssl,
+                            "protected_increase": cand.protected_increase}
+        write_json_atomic(summary_path, {
+            "methods": rows, "constraint": result.constraint, "rule": result.rule,
+            "selected": None if result.selected is None else {"method": result.selected.method,
+                                                              "lambda": result.selected.lam},
+        })
+    return json.loads(summary_path.read_text(encoding="utf-8"))["methods"]
 
 
 def _run_summary(run_dir: Path) -> dict[str, Any]:
@@ -450,7 +497,7 @@ def _run_summary(run_dir: Path) -> dict[str, Any]:
 
 
 def write_quickstart_report(out: Path, heldout: dict, timings: dict, config: QuickstartConfig, synthesizer: str,
-                            new_cultures: list[str]) -> Path:
+                            new_cultures: list[str], merge_methods: dict | None = None) -> Path:
     first = heldout[next(iter(heldout))]
     lines = [
         "# culturemert quickstart",
@@ -468,7 +515,17 @@ def write_quickstart_report(out: Path, heldout: dict, timings: dict, config: Qui
         "|---|" + "---|" * len(first),
     ]
     for name, per in heldout.items():
+        method = name.removeprefix("merged-")
+        if merge_methods and name.startswith("merged-") and method in merge_methods:
+            row = merge_methods[method]
+            name = f"{name} (λ = {row['lambda']:g}{'' if row['admissible'] else ', over the limit'})"
         lines.append(f"| {name} | " + " | ".join(f"{v['masked_ce']:.3f} ({100 * v['masked_acc']:.1f} %)" for v in per.values()) + " |")
+    if merge_methods:
+        lines += ["", f"merged-METHOD rows: the single-culture models merged with each method at the λ in "
+                  f"{{{', '.join(f'{v:g}' for v in config.merge_method_lambdas)}}} it selects by held-out loss (mean "
+                  f"over the new cultures; {config.base_culture} at most {config.max_protected_increase:g} nats above "
+                  "the base; no labels); selected on these validation crops, so their numbers are optimistic. "
+                  "Merge vs mix: `merge-methods/merge_vs_mix.md`, `merge-methods/merge_vs_mix.png`."]
     curves = [(name, out / "runs" / name) for name in ("cpt", "control", "base")
               if (out / "runs" / name / "loss_curve.png").is_file()]
     if curves:

@@ -185,7 +185,7 @@ class Candidate:
 
 @dataclass
 class MethodSweepResult:
-    selected: Candidate
+    selected: Candidate | None
     per_method: dict[str, Candidate]
     candidates: list[Candidate]
     base: dict[str, Scores | None]
@@ -343,6 +343,7 @@ def sweep_methods(
     max_protected_increase: float = 0.05,
     mix_source: str | Path | None = None,
     card_extra: Mapping[str, Any] | None = None,
+    require_selection: bool = True,
 ) -> MethodSweepResult:
     """Merge at every (method, λ) into ``out_dir/<method>/lambda_<λ>/``, score each, select one (see
     :func:`select_candidate`), and write ``sweep.csv`` / ``sweep.png`` (both criteria where both are given),
@@ -353,9 +354,13 @@ def sweep_methods(
     validation data only. ``option_data`` holds MergeOptions fields shared by every method
     (:func:`options_for_method`).
 
+    ``per_method`` holds each method's best admissible candidate; a method without one gets the candidate with
+    the smallest protected rise (``admissible`` False), so the merge-vs-mix table still shows it.
+
     Raises:
         ConfigError: no method or λ, or no evaluator for ``select_on``. UserError: no candidate is admissible
-            (after the table is written).
+            (after the table is written) and ``require_selection``; without it ``selected`` is then None and no
+            ``selected/`` is written.
     """
     from culturemert.merge.job import load_inputs, merge_loaded
 
@@ -386,9 +391,10 @@ def sweep_methods(
                   max_protected_increase=max_protected_increase, probe_metric=probe_metric)
     per_method = {}
     for method in per_options:
-        best = select_candidate([c for c in candidates if c.method == method], **kwargs)
-        if best is not None:
-            per_method[method] = best
+        own = [c for c in candidates if c.method == method]
+        best = select_candidate(own, **kwargs)
+        per_method[method] = best if best is not None else min(
+            own, key=lambda c: (c.protected_increase if c.protected_increase is not None else math.inf, c.lam))
     selected = select_candidate(candidates, **kwargs)
     if select_on == "ssl-loss":
         rule = (f"argmin over (method, λ) of the mean held-out {SSL_METRIC} over the cultures"
@@ -399,7 +405,14 @@ def sweep_methods(
                   if protected and ssl else "none")
     _write_table(out / "sweep.csv", candidates, selected, probe_metric)
     _write_plot(out / "sweep.png", candidates, selected, protected if ssl else None, max_protected_increase, probe_metric)
+    mix_scores = score(Path(mix_source)) if mix_source is not None else None
     if selected is None:
+        result = MethodSweepResult(None, per_method, candidates, base_scores, mix_scores, out, rule, constraint)
+        if mix_scores is not None:
+            write_merge_vs_mix(out, result, mix_label=str(mix_source), protected=protected, probe_metric=probe_metric)
+        if not require_selection:
+            log.warning("sweep: no merge satisfies the constraint (%s)", constraint)
+            return result
         worst = min((c.protected_increase for c in candidates if c.protected_increase is not None), default=math.nan)
         raise UserError(f"no merge satisfies the constraint ({constraint}); the smallest rise was {worst:+.4f} nats "
                         f"(see {out / 'sweep.csv'}); raise --max-protected-increase or lower λ")
@@ -421,13 +434,12 @@ def sweep_methods(
     }
     merge_loaded(inputs, out / "selected", per_options[selected.method].model_copy(update={"lambdas": selected.lam}),
                  card_extra={**(dict(card_extra) if card_extra else {}), "selection": record})
-    mix_scores = score(Path(mix_source)) if mix_source is not None else None
     write_json_atomic(out / "selection.json", {
         **record, "selected_dir": "selected",
         "base": {"source": inputs.base_source, "fingerprint": inputs.base_fingerprint, "ssl": base_scores["ssl"]},
         "inputs": [{"source": s, "fingerprint": f} for s, f in zip(inputs.sources, inputs.fingerprints, strict=True)],
-        "per_method": {m: {"lambda": c.lam, "objective": c.objective, "protected_increase": c.protected_increase}
-                       for m, c in per_method.items()},
+        "per_method": {m: {"lambda": c.lam, "objective": c.objective, "protected_increase": c.protected_increase,
+                           "admissible": c.admissible, "ssl": c.ssl} for m, c in per_method.items()},
         "options": {m: o.model_dump(exclude={"lambdas"}) for m, o in per_options.items()},
     })
     result = MethodSweepResult(selected, per_method, candidates, base_scores, mix_scores, out, rule, constraint)
@@ -446,7 +458,8 @@ def merge_vs_mix_rows(result: MethodSweepResult, mix_label: str = "multi-culture
     if result.mix is not None:
         rows.append({"model": "multi-culture", "method": "", "lambda": None, "source": mix_label, **result.mix})
     for method, cand in result.per_method.items():
-        rows.append({"model": f"merged-{method}", "method": method, "lambda": cand.lam, "ssl": cand.ssl,
+        name = f"merged-{method}" + ("" if cand.admissible else " (over the limit)")
+        rows.append({"model": name, "method": method, "lambda": cand.lam, "ssl": cand.ssl,
                      "probe": cand.probe})
     return rows
 
@@ -482,7 +495,9 @@ def write_merge_vs_mix(out_dir: str | Path, result: MethodSweepResult, *, mix_la
         f"Held-out masked-prediction loss ({SSL_METRIC}, nats per masked frame, lower is better) per culture on the "
         "validation split; each merge method at the λ it selects by itself (" + result.rule + "; constraint: "
         + result.constraint + "); the multi-culture model was trained on the same data"
-        + (f"; {probe_metric} of validation probes per dataset" if datasets else "") + ".", "",
+        + (f"; {probe_metric} of validation probes per dataset" if datasets else "") + "."
+        + (" A method marked (over the limit) met the constraint at no λ and is shown at its smallest protected rise."
+           if any("over the limit" in r["model"] for r in rows) else ""), "",
         "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
     ]
     for row in table:
