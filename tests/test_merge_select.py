@@ -180,3 +180,17 @@ def test_cli_errors_on_missing_valid_split_and_teacher_mismatch(tmp_path, prepar
     assert len(err.splitlines()) == 1
     with pytest.raises(DataError, match="no items in split 'valid'"):
         HeldOutLoss([no_valid])
+
+
+def test_cli_protected_options_need_their_partners(tmp_path, capsys):
+    from culturemert.cli import main
+
+    base, models = _exports(tmp_path)
+    common = ["merge", "--base", str(base), "--models", *map(str, models), "--out", str(tmp_path / "o")]
+    assert main([*common, "--sweep", "0.5", "--select-on", "ssl-loss"]) == 2
+    assert "--select-on ssl-loss needs --prepared" in capsys.readouterr().err
+    assert main([*common, "--sweep", "0.5", "--select-on", "e.yaml", "--methods", "ties", "--protected", "x"]) == 2
+    assert "--protected needs --prepared" in capsys.readouterr().err
+    assert main([*common, "--lambda", "0.5", "--methods", "ties"]) == 2
+    assert "--methods only applies with --sweep" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -182,6 +182,10 @@ def _run_selection(args: argparse.Namespace) -> int:
         raise ConfigError("--sweep needs --select-on ssl-loss (with --prepared) or --select-on EVAL_CONFIG")
     if args.select_on == "ssl-loss" and not args.prepared:
         raise ConfigError("--select-on ssl-loss needs --prepared DIR [DIR ...] (prepared with a valid split)")
+    if args.max_protected_increase is not None and args.protected is None:
+        raise ConfigError("--max-protected-increase needs --protected CULTURE (the culture it limits)")
+    if args.protected is not None and not args.prepared:
+        raise ConfigError("--protected needs --prepared DIR [DIR ...]: the constraint is on held-out loss")
     given = {"protected": args.protected, "max_protected_increase": args.max_protected_increase,
              "crops_per_culture": args.heldout_crops, "crop_seconds": args.crop_seconds}
     settings = parse_config({k: v for k, v in given.items() if v is not None}, LabelFreeSelection,
@@ -220,7 +224,8 @@ def run(args: argparse.Namespace) -> int:
         if args.base is None:
             raise ConfigError("--base is required for a sweep (task vectors are θ_i − θ_base)")
         return _run_selection(args)
-    for flag, value in (("--methods", args.methods), ("--prepared", args.prepared), ("--mix", args.mix)):
+    for flag, value in (("--methods", args.methods), ("--prepared", args.prepared), ("--mix", args.mix),
+                        ("--protected", args.protected)):
         if value:
             raise ConfigError(f"{flag} only applies with --sweep")
     options = _options(args)
