@@ -41,6 +41,7 @@ from culturemert.label_grid import crop_samples
 from culturemert.config import StrictModel
 from culturemert.errors import ConfigError, DataError
 from culturemert.files import write_json_atomic
+from culturemert.merge.options import MergeMethod
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class QuickstartConfig(StrictModel):
     # Merge vs mix: every method at the λ of this grid that it selects without labels (held-out masked-prediction
     # loss of the new cultures, base culture's loss at most max_protected_increase nats above the base's), next to
     # the CPT model trained on the same data. [] skips it.
-    merge_methods: list[str] = Field(default_factory=lambda: ["task_arithmetic", "ties", "tsv", "iso_c"])
+    merge_methods: list[MergeMethod] = Field(default_factory=lambda: ["task_arithmetic", "ties", "tsv", "iso_c"])
     merge_method_lambdas: list[float] = Field(default_factory=lambda: [0.5, 1.0], min_length=1)
     max_protected_increase: float = Field(0.05, ge=0.0)
     # Probe: MARBLE's protocol (MLP, dropout 0.2, BCE, Adam, batch 64, ReduceLROnPlateau, early stopping and
@@ -431,7 +432,8 @@ def run_quickstart(config: QuickstartConfig, out_dir: str | Path, progress: bool
     lap("heldout-loss", t0)
 
     t0 = time.perf_counter()
-    merge_methods = _merge_vs_mix(config, out, base_model, singles, runs["cpt"], prepared)
+    merge_methods = _merge_vs_mix(config, out, base_model, singles, runs["cpt"], prepared,
+                                  known={base_model: heldout["base"], runs["cpt"]: heldout["cpt"]})
     for method, row in merge_methods.items():
         heldout[f"merged-{method}"] = row["ssl"]
     write_json_atomic(out / "heldout_loss.json", heldout)
@@ -449,11 +451,12 @@ def run_quickstart(config: QuickstartConfig, out_dir: str | Path, progress: bool
 
 
 def _merge_vs_mix(config: QuickstartConfig, out: Path, base_model: Path, singles: list[Path], mix: Path,
-                  prepared: dict[str, Path]) -> dict[str, dict[str, Any]]:
+                  prepared: dict[str, Path], known: dict[Path, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Sweep ``config.merge_methods`` x ``config.merge_method_lambdas`` on the single-culture models, select each
     method's λ by held-out loss (no labels), and write ``merge-methods/merge_vs_mix.{md,csv,png}`` next to the CPT
     model. Returns per method ``{"lambda", "admissible", "ssl": held-out metrics as heldout_masked_loss}`` (read
-    back from ``selection.json`` on a re-run)."""
+    back from ``merge_methods.json`` on a re-run). ``known``: held-out metrics already computed on the same crops
+    (the held-out table's base and CPT rows), reused instead of evaluated again."""
     from culturemert.merge.select import HeldOutLoss, sweep_methods
 
     if not config.merge_methods:
@@ -464,8 +467,14 @@ def _merge_vs_mix(config: QuickstartConfig, out: Path, base_model: Path, singles
         # the same crops and masks as the held-out table (heldout_masked_loss's arguments)
         held_out = HeldOutLoss(list(prepared.values()), cultures=list(prepared), crops_per_culture=config.heldout_crops,
                                seed=config.seed)
+        cached = {Path(k).resolve(): v for k, v in (known or {}).items()}
+
+        def ssl(model_dir: Path) -> dict[str, dict[str, float]]:
+            hit = cached.get(Path(model_dir).resolve())
+            return hit if hit is not None else held_out(model_dir)
+
         result = sweep_methods(base_model, singles, config.merge_methods, config.merge_method_lambdas, sweep_dir,
-                               select_on="ssl-loss", ssl=held_out, protected=config.base_culture,
+                               select_on="ssl-loss", ssl=ssl, protected=config.base_culture,
                                max_protected_increase=config.max_protected_increase, mix_source=mix,
                                require_selection=False)
         rows = {}
