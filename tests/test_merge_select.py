@@ -194,3 +194,34 @@ def test_cli_protected_options_need_their_partners(tmp_path, capsys):
     assert main([*common, "--lambda", "0.5", "--methods", "ties"]) == 2
     assert "--methods only applies with --sweep" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_probe_selection_shows_both_criteria(tmp_path, prepared, monkeypatch, capsys):
+    import types
+
+    from culturemert.cli import main
+
+    base, models = _exports(tmp_path)
+    seen = []
+
+    def evaluate_on_validation(model_dir, eval_config):
+        seen.append(Path(model_dir).relative_to(tmp_path / "sweep").as_posix())
+        lam = float(Path(model_dir).name.split("_")[1])
+        bonus = 0.1 if Path(model_dir).parent.name == "ties" else 0.0
+        return {"tags": {"roc_auc": 0.5 + bonus - abs(lam - 1.0)}}
+
+    fake = types.ModuleType("culturemert.evaluate.pipeline")
+    fake.evaluate_on_validation = evaluate_on_validation  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "culturemert.evaluate.pipeline", fake)
+    from culturemert.cli import main
+
+    out = tmp_path / "sweep"
+    code = main(["merge", "--base", str(base), "--models", *map(str, models), "--sweep", "0.5,1", "--out", str(out),
+                 "--select-on", "val.yaml", "--methods", "task_arithmetic", "ties", "--prepared", str(prepared),
+                 "--heldout-crops", "4", "--crop-seconds", "1"])
+    assert code == 0, capsys.readouterr().err
+    assert seen == ["task_arithmetic/lambda_0.5", "task_arithmetic/lambda_1", "ties/lambda_0.5", "ties/lambda_1"]
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert all(r["ssl_pred_loss_makam"] and r["ssl_pred_loss_western"] and r["probe_roc_auc_tags"] for r in rows)
+    selection = json.loads((out / "selection.json").read_text())
+    assert (selection["method"], selection["lambda"], selection["select_on"]) == ("ties", 1.0, "probe")

@@ -430,7 +430,7 @@ def sweep_methods(
         "split": "validation",
         "methods": list(per_options),
         "lambdas": [format_lambda(v) for v in sorted(set(float(v) for v in lambdas))],
-        "copied_from": str(selected.directory.relative_to(out)),
+        "same_as": str(selected.directory.relative_to(out)),  # selected/ is this merge, redone with the card
     }
     merge_loaded(inputs, out / "selected", per_options[selected.method].model_copy(update={"lambdas": selected.lam}),
                  card_extra={**(dict(card_extra) if card_extra else {}), "selection": record})
