@@ -213,8 +213,6 @@ def test_cli_probe_selection_shows_both_criteria(tmp_path, prepared, monkeypatch
     fake = types.ModuleType("culturemert.evaluate.pipeline")
     fake.evaluate_on_validation = evaluate_on_validation  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "culturemert.evaluate.pipeline", fake)
-    from culturemert.cli import main
-
     out = tmp_path / "sweep"
     code = main(["merge", "--base", str(base), "--models", *map(str, models), "--sweep", "0.5,1", "--out", str(out),
                  "--select-on", "val.yaml", "--methods", "task_arithmetic", "ties", "--prepared", str(prepared),
