@@ -37,7 +37,6 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from culturemert.label_grid import crop_samples
 from culturemert.config import StrictModel
 from culturemert.errors import ConfigError, DataError
 from culturemert.files import write_json_atomic

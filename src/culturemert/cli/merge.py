@@ -197,12 +197,12 @@ def _run_selection(args: argparse.Namespace) -> int:
         if settings.protected is not None and settings.protected not in ssl.cultures:
             raise ConfigError(f"--protected {settings.protected}: no held-out crops for it in --prepared "
                               f"(validated: {', '.join(ssl.cultures)})")
-    probe = None
-    if args.select_on != "ssl-loss":
-        eval_config = args.select_on
+    eval_config = args.select_on
 
-        def probe(model_dir: Path) -> dict[str, dict[str, float]]:
-            return evaluate_on_validation(model_dir, eval_config)
+    def probe_on_validation(model_dir: Path) -> dict[str, dict[str, float]]:
+        return evaluate_on_validation(model_dir, eval_config)
+
+    probe = probe_on_validation if args.select_on != "ssl-loss" else None
 
     result = sweep_methods(
         args.base, args.models, args.methods or [args.method], parse_lambda_range(args.sweep), args.out,

@@ -413,8 +413,8 @@ def sweep_methods(
         if not require_selection:
             log.warning("sweep: no merge satisfies the constraint (%s)", constraint)
             return result
-        worst = min((c.protected_increase for c in candidates if c.protected_increase is not None), default=math.nan)
-        raise UserError(f"no merge satisfies the constraint ({constraint}); the smallest rise was {worst:+.4f} nats "
+        smallest = min((c.protected_increase for c in candidates if c.protected_increase is not None), default=math.nan)
+        raise UserError(f"no merge satisfies the constraint ({constraint}); the smallest rise was {smallest:+.4f} nats "
                         f"(see {out / 'sweep.csv'}); raise --max-protected-increase or lower λ")
     record = {
         "criterion": "held-out masked-prediction loss (no labels)" if select_on == "ssl-loss" else f"probe {probe_metric}",
