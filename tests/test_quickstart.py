@@ -47,7 +47,11 @@ def test_quickstart_smoke_end_to_end(tmp_path, monkeypatch):
     for model in ("base", "control", "cpt", "merged-ta", "baseline:logmel"):
         assert f"| {model} |" in report, model
     heldout = json.loads((out / "heldout_loss.json").read_text())
-    assert set(heldout) == {"base", "control", "cpt", "merged-ta"}
+    methods = {f"merged-{m}" for m in QuickstartConfig().merge_methods}
+    assert set(heldout) == {"base", "control", "cpt", "merged-ta", *methods}
+    for name in methods:
+        assert f"| {name} (λ = " in report, name
+    assert "| multi-culture |" in (out / "merge-methods" / "merge_vs_mix.md").read_text()
     assert set(heldout["cpt"]) == {"german", "chinese", "irish"}
     # the runs validated while training, and the report shows their curves
     for run in ("cpt", "control"):
@@ -150,3 +154,18 @@ def test_report_embeds_the_run_curves_and_says_best_and_alarms(tmp_path):
     assert "![cpt run](runs/cpt/loss_curve.png)" in report
     assert "1.600 at the end (exports/final), best 1.500 at global step 120 (exports/best)" in report
     assert "forgetting alarms (german): forgetting alarm: german ..." in report
+
+
+def test_report_has_a_row_per_merge_method_with_its_selected_lambda(tmp_path):
+    from culturemert.quickstart import write_quickstart_report
+
+    cell = {"masked_ce": 1.5, "masked_acc": 0.6}
+    heldout = {"base": {"german": cell, "chinese": cell},
+               "merged-ties": {"german": {"masked_ce": 1.25, "masked_acc": 0.5}, "chinese": cell},
+               "merged-tsv": {"german": cell, "chinese": cell}}
+    methods = {"ties": {"lambda": 0.5, "admissible": True}, "tsv": {"lambda": 1.0, "admissible": False}}
+    report = write_quickstart_report(tmp_path, heldout, {"total": 1.0}, QuickstartConfig(), "fluidsynth",
+                                     ["chinese"], methods).read_text()
+    assert "| merged-ties (λ = 0.5) | 1.250 (50.0 %) | 1.500 (60.0 %) |" in report
+    assert "| merged-tsv (λ = 1, over the limit) |" in report
+    assert "german at most 0.05 nats above the base" in report and "merge_vs_mix.md" in report

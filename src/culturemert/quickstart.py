@@ -37,10 +37,10 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from culturemert.label_grid import crop_samples
 from culturemert.config import StrictModel
 from culturemert.errors import ConfigError, DataError
 from culturemert.files import write_json_atomic
+from culturemert.merge.options import MergeMethod
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,12 @@ class QuickstartConfig(StrictModel):
     # extra evaluation per λ). 1.0 adds both single-culture task vectors fully; each was trained with half the
     # multi-culture run's steps, so λ = 1 is the compute-matched analogue of the paper's λ = 0.2 over 4 models.
     merge_lambdas: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
+    # Merge vs mix: every method at the λ of this grid that it selects without labels (held-out masked-prediction
+    # loss of the new cultures, base culture's loss at most max_protected_increase nats above the base's), next to
+    # the CPT model trained on the same data. [] skips it.
+    merge_methods: list[MergeMethod] = Field(default_factory=lambda: ["task_arithmetic", "ties", "tsv", "iso_c"])
+    merge_method_lambdas: list[float] = Field(default_factory=lambda: [0.5, 1.0], min_length=1)
+    max_protected_increase: float = Field(0.05, ge=0.0)
     # Probe: MARBLE's protocol (MLP, dropout 0.2, BCE, Adam, batch 64, ReduceLROnPlateau, early stopping and
     # selection on validation) with a smaller grid and hidden layer so five models fit the CPU budget [ours].
     probe_seeds: int = Field(3, ge=1)
@@ -196,25 +202,12 @@ def heldout_masked_loss(
     Raises:
         DataError: the model has no pre-training heads, or a culture has no held-out crops.
     """
-    from culturemert.data import PreparedDataset
-    from culturemert.model import load_model
-    from culturemert.objective import MertObjective, ObjectiveConfig
-    from culturemert.teachers import MertCQT
-    from culturemert.train.validation import evaluate_validation_set, prepared_validation_set, validation_seed
+    from culturemert.merge.select import HeldOutLoss
 
-    model = load_model(model_source)
-    if model.heads is None:
-        raise DataError(f"{model_source}: no pre-training heads, cannot compute the masked-prediction loss")
-    config = objective or ObjectiveConfig()
-    mert_objective = MertObjective(config, MertCQT() if config.cqt_weight > 0 else None)
-    dirs = list(dict.fromkeys(str(d) for d in prepared.values()))
-    vset = prepared_validation_set(
-        [PreparedDataset(d) for d in dirs], split=split, crops_per_culture=crops_per_culture, batch_clips=batch_clips,
-        crop_samples=crop_samples(crop_seconds), seed=validation_seed(seed), cultures=list(prepared),
-    )
-    if vset.missing:
-        raise DataError("no held-out crops for " + "; ".join(f"{c} ({why})" for c, why in vset.missing.items()))
-    results = evaluate_validation_set(model, mert_objective, vset)
+    held_out = HeldOutLoss(list(prepared.values()), cultures=list(prepared), split=split,
+                           crops_per_culture=crops_per_culture, batch_clips=batch_clips, crop_seconds=crop_seconds,
+                           seed=seed, objective=objective)
+    results = held_out(model_source)
     for metrics in results.values():
         metrics["masked_ce"], metrics["masked_acc"] = metrics["pred_loss"], metrics["acc"]
     return {c: results[c] for c in prepared}
@@ -435,8 +428,15 @@ def run_quickstart(config: QuickstartConfig, out_dir: str | Path, progress: bool
     heldout = {}
     for name, path in [("base", base_model), ("control", runs["control"]), ("cpt", runs["cpt"]), ("merged-ta", merged)]:
         heldout[name] = heldout_masked_loss(path, prepared, crops_per_culture=config.heldout_crops, seed=config.seed)
-    write_json_atomic(out / "heldout_loss.json", heldout)
     lap("heldout-loss", t0)
+
+    t0 = time.perf_counter()
+    merge_methods = _merge_vs_mix(config, out, base_model, singles, runs["cpt"], prepared,
+                                  known={base_model: heldout["base"], runs["cpt"]: heldout["cpt"]})
+    for method, row in merge_methods.items():
+        heldout[f"merged-{method}"] = row["ssl"]
+    write_json_atomic(out / "heldout_loss.json", heldout)
+    lap("merge-vs-mix", t0)
 
     t0 = time.perf_counter()
     model_list = ["baseline:logmel", str(base_model), str(runs["control"]), str(runs["cpt"]), str(merged)]
@@ -444,9 +444,51 @@ def run_quickstart(config: QuickstartConfig, out_dir: str | Path, progress: bool
     lap("evaluate", t0)
 
     timings["total"] = time.perf_counter() - started
-    report = write_quickstart_report(out, heldout, timings, config, summary.synthesizer, new_cultures)
+    report = write_quickstart_report(out, heldout, timings, config, summary.synthesizer, new_cultures, merge_methods)
     print(report.read_text(encoding="utf-8"))
     return report
+
+
+def _merge_vs_mix(config: QuickstartConfig, out: Path, base_model: Path, singles: list[Path], mix: Path,
+                  prepared: dict[str, Path], known: dict[Path, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Sweep ``config.merge_methods`` x ``config.merge_method_lambdas`` on the single-culture models, select each
+    method's λ by held-out loss (no labels), and write ``merge-methods/merge_vs_mix.{md,csv,png}`` next to the CPT
+    model. Returns per method ``{"lambda", "admissible", "ssl": held-out metrics as heldout_masked_loss}`` (read
+    back from ``merge_methods.json`` on a re-run). ``known``: held-out metrics already computed on the same crops
+    (the held-out table's base and CPT rows), reused instead of evaluated again."""
+    from culturemert.merge.select import HeldOutLoss, sweep_methods
+
+    if not config.merge_methods:
+        return {}
+    sweep_dir = out / "merge-methods"
+    summary_path = sweep_dir / "merge_methods.json"
+    if not summary_path.is_file():
+        # the same crops and masks as the held-out table (heldout_masked_loss's arguments)
+        held_out = HeldOutLoss(list(prepared.values()), cultures=list(prepared), crops_per_culture=config.heldout_crops,
+                               seed=config.seed)
+        cached = {Path(k).resolve(): v for k, v in (known or {}).items()}
+
+        def ssl(model_dir: Path) -> dict[str, dict[str, float]]:
+            hit = cached.get(Path(model_dir).resolve())
+            return hit if hit is not None else held_out(model_dir)
+
+        result = sweep_methods(base_model, singles, config.merge_methods, config.merge_method_lambdas, sweep_dir,
+                               select_on="ssl-loss", ssl=ssl, protected=config.base_culture,
+                               max_protected_increase=config.max_protected_increase, mix_source=mix,
+                               require_selection=False)
+        rows = {}
+        for method, cand in result.per_method.items():
+            ssl = {c: dict(cand.ssl[c]) for c in prepared} if cand.ssl else {}
+            for metrics in ssl.values():
+                metrics["masked_ce"], metrics["masked_acc"] = metrics["pred_loss"], metrics["acc"]
+            rows[method] = {"lambda": cand.lam, "admissible": cand.admissible, "ssl": ssl,
+                            "protected_increase": cand.protected_increase}
+        write_json_atomic(summary_path, {
+            "methods": rows, "constraint": result.constraint, "rule": result.rule,
+            "selected": None if result.selected is None else {"method": result.selected.method,
+                                                              "lambda": result.selected.lam},
+        })
+    return json.loads(summary_path.read_text(encoding="utf-8"))["methods"]
 
 
 def _run_summary(run_dir: Path) -> dict[str, Any]:
@@ -463,7 +505,7 @@ def _run_summary(run_dir: Path) -> dict[str, Any]:
 
 
 def write_quickstart_report(out: Path, heldout: dict, timings: dict, config: QuickstartConfig, synthesizer: str,
-                            new_cultures: list[str]) -> Path:
+                            new_cultures: list[str], merge_methods: dict | None = None) -> Path:
     first = heldout[next(iter(heldout))]
     lines = [
         "# culturemert quickstart",
@@ -481,7 +523,17 @@ def write_quickstart_report(out: Path, heldout: dict, timings: dict, config: Qui
         "|---|" + "---|" * len(first),
     ]
     for name, per in heldout.items():
+        method = name.removeprefix("merged-")
+        if merge_methods and name.startswith("merged-") and method in merge_methods:
+            row = merge_methods[method]
+            name = f"{name} (λ = {row['lambda']:g}{'' if row['admissible'] else ', over the limit'})"
         lines.append(f"| {name} | " + " | ".join(f"{v['masked_ce']:.3f} ({100 * v['masked_acc']:.1f} %)" for v in per.values()) + " |")
+    if merge_methods:
+        lines += ["", f"merged-METHOD rows: the single-culture models merged with each method at the λ in "
+                  f"{{{', '.join(f'{v:g}' for v in config.merge_method_lambdas)}}} it selects by held-out loss (mean "
+                  f"over the new cultures; {config.base_culture} at most {config.max_protected_increase:g} nats above "
+                  "the base; no labels); selected on these validation crops, so their numbers are optimistic. "
+                  "Merge vs mix: `merge-methods/merge_vs_mix.md`, `merge-methods/merge_vs_mix.png`."]
     curves = [(name, out / "runs" / name) for name in ("cpt", "control", "base")
               if (out / "runs" / name / "loss_curve.png").is_file()]
     if curves:

@@ -108,14 +108,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="reject inputs with ||θ_i − θ_base|| / ||θ_base|| above this (not derived from the base)",
     )
     parser.add_argument("--allow-unrelated", action="store_true", help="merge inputs that do not look derived from --base")
-    parser.add_argument("--select-on", metavar="EVAL_CONFIG", help="with --sweep: evaluation config (validation splits)")
-    parser.add_argument("--metric", default="roc_auc", help="with --sweep: metric to maximise (mean over datasets)")
+    parser.add_argument(
+        "--select-on",
+        metavar="EVAL_CONFIG|ssl-loss",
+        help="with --sweep: an evaluation config (probes on validation splits), or ssl-loss: the held-out "
+        "masked-prediction loss on the valid split of --prepared (no labels)",
+    )
+    parser.add_argument("--metric", default="roc_auc", help="with --sweep: probe metric to maximise (mean over datasets)")
+    parser.add_argument(
+        "--methods", nargs="+", choices=MERGE_METHODS, metavar="METHOD",
+        help="with --sweep: sweep several methods and select the method too (replaces --method)",
+    )
+    parser.add_argument(
+        "--prepared", nargs="+", metavar="DIR",
+        help="with --sweep: prepared directories whose valid split gives the held-out loss (needed by ssl-loss)",
+    )
+    parser.add_argument("--protected", metavar="CULTURE", help="with --prepared: culture whose held-out loss is a constraint")
+    parser.add_argument(
+        "--max-protected-increase", type=float, default=None, metavar="NATS",
+        help="the protected culture's held-out loss may exceed the base's by at most this (default 0.05)",
+    )
+    parser.add_argument("--heldout-crops", type=int, default=None, metavar="N", help="held-out crops per culture (default 32)")
+    parser.add_argument("--crop-seconds", type=float, default=None, help="held-out crop length in seconds (default 5)")
+    parser.add_argument(
+        "--mix", metavar="MODEL",
+        help="with --sweep: the multi-culture model trained on the inputs' data; writes merge_vs_mix.{md,csv,png}",
+    )
     parser.add_argument("--out", required=True, help="output export directory (with --sweep: the sweep directory)")
 
 
-def _options(args: argparse.Namespace) -> MergeOptions:
+def _option_data(args: argparse.Namespace) -> dict[str, Any]:
     lambdas = args.lambdas if args.lambdas is not None else args.lambda_
-    data = {
+    return {
         "method": args.method,
         "lambdas": lambdas,
         "mean": args.mean,
@@ -133,7 +157,10 @@ def _options(args: argparse.Namespace) -> MergeOptions:
         "max_task_vector_ratio": args.max_task_vector_ratio,
         "allow_unrelated": args.allow_unrelated,
     }
-    return parse_config(data, MergeOptions, source="culturemert merge arguments")
+
+
+def _options(args: argparse.Namespace) -> MergeOptions:
+    return parse_config(_option_data(args), MergeOptions, source="culturemert merge arguments")
 
 
 def evaluate_on_validation(model_dir: Path, eval_config: Any) -> dict[str, dict[str, float]]:
@@ -143,7 +170,64 @@ def evaluate_on_validation(model_dir: Path, eval_config: Any) -> dict[str, dict[
     return evaluate(model_dir, eval_config)
 
 
+def _label_free(args: argparse.Namespace) -> bool:
+    """The multi-method / held-out-loss sweep (culturemert.merge.select) rather than the single-method probe sweep."""
+    return args.select_on == "ssl-loss" or bool(args.methods) or bool(args.prepared) or args.mix is not None
+
+
+def _run_selection(args: argparse.Namespace) -> int:
+    from culturemert.merge.select import HeldOutLoss, LabelFreeSelection, sweep_methods
+
+    if args.select_on is None:
+        raise ConfigError("--sweep needs --select-on ssl-loss (with --prepared) or --select-on EVAL_CONFIG")
+    if args.select_on == "ssl-loss" and not args.prepared:
+        raise ConfigError("--select-on ssl-loss needs --prepared DIR [DIR ...] (prepared with a valid split)")
+    if args.max_protected_increase is not None and args.protected is None:
+        raise ConfigError("--max-protected-increase needs --protected CULTURE (the culture it limits)")
+    if args.protected is not None and not args.prepared:
+        raise ConfigError("--protected needs --prepared DIR [DIR ...]: the constraint is on held-out loss")
+    given = {"protected": args.protected, "max_protected_increase": args.max_protected_increase,
+             "crops_per_culture": args.heldout_crops, "crop_seconds": args.crop_seconds}
+    settings = parse_config({k: v for k, v in given.items() if v is not None}, LabelFreeSelection,
+                            source="culturemert merge arguments")
+    ssl = None
+    if args.prepared:
+        ssl = HeldOutLoss(args.prepared, split=settings.split, crops_per_culture=settings.crops_per_culture,
+                          batch_clips=settings.batch_clips, crop_seconds=settings.crop_seconds, seed=settings.seed)
+        if settings.protected is not None and settings.protected not in ssl.cultures:
+            raise ConfigError(f"--protected {settings.protected}: no held-out crops for it in --prepared "
+                              f"(validated: {', '.join(ssl.cultures)})")
+    eval_config = args.select_on
+
+    def probe_on_validation(model_dir: Path) -> dict[str, dict[str, float]]:
+        return evaluate_on_validation(model_dir, eval_config)
+
+    probe = probe_on_validation if args.select_on != "ssl-loss" else None
+
+    result = sweep_methods(
+        args.base, args.models, args.methods or [args.method], parse_lambda_range(args.sweep), args.out,
+        _option_data(args), select_on="ssl-loss" if args.select_on == "ssl-loss" else "probe", ssl=ssl, probe=probe,
+        probe_metric=args.metric, protected=settings.protected,
+        max_protected_increase=settings.max_protected_increase, mix_source=args.mix,
+    )
+    for cand in result.candidates:
+        marker = "  <- selected" if cand is result.selected else ("" if cand.admissible else "  (not admissible)")
+        rise = "" if cand.protected_increase is None else f"  {settings.protected} {cand.protected_increase:+.4f}"
+        print(f"{cand.method:>16} λ={format_lambda(cand.lam):>6}  objective = {cand.objective:.4f}{rise}{marker}")
+    print(f"selected {result.selected.method} λ={format_lambda(result.selected.lam)} (validation; {result.rule}); "
+          f"export written to {args.out}/selected")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.sweep is not None and _label_free(args):
+        if args.base is None:
+            raise ConfigError("--base is required for a sweep (task vectors are θ_i − θ_base)")
+        return _run_selection(args)
+    for flag, value in (("--methods", args.methods), ("--prepared", args.prepared), ("--mix", args.mix),
+                        ("--protected", args.protected)):
+        if value:
+            raise ConfigError(f"{flag} only applies with --sweep")
     options = _options(args)
     if args.base is None and args.method != "linear":
         raise ConfigError(f"--base is required for method {args.method!r} (task vectors are θ_i − θ_base)")

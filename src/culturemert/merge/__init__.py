@@ -33,7 +33,8 @@ Modules: :mod:`~culturemert.merge.options` (what defines a merge), :mod:`~cultur
 kernels), :mod:`~culturemert.merge.engine` (the streaming merge over state dicts),
 :mod:`~culturemert.merge.thresholds` (exact whole-model magnitude thresholds in bounded memory),
 :mod:`~culturemert.merge.job` (opening model sources and writing the export with its card) and
-:mod:`~culturemert.merge.sweep` (λ sweeps selected on validation).
+:mod:`~culturemert.merge.sweep` (λ sweeps selected on validation), :mod:`~culturemert.merge.select` (method and λ
+selected without labels by held-out masked-prediction loss; the merge-vs-mix report).
 """
 
 from culturemert.merge.engine import MergeReport, in_scope, merge_state_dicts, merge_with_report
