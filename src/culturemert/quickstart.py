@@ -39,7 +39,7 @@ from pydantic import Field
 
 from culturemert.config import StrictModel
 from culturemert.errors import ConfigError, DataError
-from culturemert.files import write_json_atomic
+from culturemert.files import atomic_write_text, write_json_atomic
 from culturemert.merge.options import MergeMethod
 
 log = logging.getLogger(__name__)
@@ -558,8 +558,8 @@ def write_quickstart_report(out: Path, heldout: dict, timings: dict, config: Qui
         lines.append(report_md.read_text(encoding="utf-8"))
     lines += ["", "## Wall time", "", *(f"- {k}: {v:.0f} s" for k, v in timings.items()), ""]
     path = out / "quickstart.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
-    (out / "quickstart.json").write_text(json.dumps({"heldout": heldout, "timings": timings,
-                                                     "runs": {n: _run_summary(d) for n, d in curves},
-                                                     "config": json.loads(config.model_dump_json())}, indent=2))
+    atomic_write_text(path, "\n".join(lines))
+    write_json_atomic(out / "quickstart.json", {"heldout": heldout, "timings": timings,
+                                                "runs": {n: _run_summary(d) for n, d in curves},
+                                                "config": json.loads(config.model_dump_json())})
     return path
