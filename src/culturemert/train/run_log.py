@@ -25,7 +25,7 @@ from culturemert.files import atomic_write_text, read_jsonl
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunLog", "plot_loss_curve"]
+__all__ = ["RunLog"]
 
 _VALID_SCALARS = ("loss", "pred_loss", "acc", "cqt_mse")
 
@@ -126,10 +126,3 @@ class RunLog:
 
         return plot_run(self.metrics_path, self.out / "loss_curve.png", self.title, protected=self.protected,
                         new=self.new)
-
-
-def plot_loss_curve(metrics_path: Path, target: Path, title: str) -> Path | None:
-    """The run's figure from ``metrics.jsonl`` (:func:`culturemert.train.curves.plot_run`, nothing highlighted)."""
-    from culturemert.train.curves import plot_run
-
-    return plot_run(metrics_path, target, title)

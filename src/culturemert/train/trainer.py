@@ -46,7 +46,7 @@ from culturemert.train.distributed import DistInfo, all_reduce_sum, barrier, ini
 from culturemert.train.param_groups import resolve_trainable
 from culturemert.train.mert_sizes import declared_size, model_size, warn_size_mismatches
 from culturemert.train.recipe import Recipe, StageSpec, check_recipe_paths
-from culturemert.train.run_log import RunLog, plot_loss_curve
+from culturemert.train.run_log import RunLog
 from culturemert.train.schedule import lr_at, peak_flops, train_flops_per_clip
 from culturemert.train.sources import PreparedSource, iterate_source
 from culturemert.train.validation import ForgettingStop, Monitor, ValidationPlan, culture_train_losses, plan_validation
@@ -210,10 +210,6 @@ class Trainer:
 
     def _event(self, kind: str, message: str, **fields: Any) -> None:
         self.run_log.event(kind, message, self.state.global_step, **fields)
-
-    def plot_losses(self) -> Path | None:
-        """``loss_curve.png`` from ``metrics.jsonl`` (see :func:`~culturemert.train.run_log.plot_loss_curve`)."""
-        return plot_loss_curve(self.metrics_path, self.out / "loss_curve.png", self.recipe.name)
 
     # -- checkpoint plumbing -----------------------------------------------------------------------------
     def _save(self) -> None:
