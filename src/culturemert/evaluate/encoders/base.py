@@ -38,17 +38,10 @@ def fingerprint_of(family: str, weights: str, **settings: Any) -> str:
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
-    """sha256 over (name, dtype, shape, bytes) of every parameter and buffer in name order; unlike the MERT
-    checkpoint fingerprint it also takes 0-dim integer buffers (BatchNorm's ``num_batches_tracked``)."""
-    h = hashlib.sha256()
-    state = module.state_dict()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    """:func:`culturemert.model.state_dict_fingerprint` of every parameter and buffer of ``module``."""
+    from culturemert.model.weights import state_dict_fingerprint
+
+    return state_dict_fingerprint(module.state_dict())
 
 
 def conv_num_frames(num_samples: int, kernels: Sequence[int], strides: Sequence[int]) -> int:
